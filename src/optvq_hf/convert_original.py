@@ -1,0 +1,243 @@
+"""Load and convert checkpoints of the original OptVQ release (e.g. `BorelTHU/optvq-16x16x4`).
+
+The original repositories were saved with `huggingface_hub.PyTorchModelHubMixin`: a `config.json` with nested
+`encoder` / `decoder` / `quantize` / `loss` dicts and a `model.safetensors` whose keys carry a `model.` prefix and
+include training-only `loss.*` weights. This module maps both onto [`OptVQConfig`] / [`OptVQModel`].
+
+Command line::
+
+    python -m optvq_hf.convert_original --input BorelTHU/optvq-16x16x4 --output ./optvq-16x16x4-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+from typing import Any
+
+import torch
+from transformers.utils import cached_file, logging
+
+from .configuration_optvq import OptVQConfig
+
+logger = logging.get_logger(__name__)
+
+ORIGINAL_SECTIONS = ("encoder", "decoder", "quantize")
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+_NORMALIZE_MODES = {"all": "all", "dim": "dim", "null": "none", "none": "none", None: "none"}
+_CONFIG_FIELDS = set(inspect.signature(OptVQConfig.__init__).parameters) - {"self", "kwargs"}
+_RENAMES = (("quantize.proj.", "quantizer.projection."), ("quantize.embedding.", "quantizer.embedding."))
+
+
+def is_original_config(config_dict: dict[str, Any]) -> bool:
+    """Whether a `config.json` dict is in the original release's nested layout."""
+    return (
+        isinstance(config_dict, dict)
+        and "model_type" not in config_dict
+        and all(isinstance(config_dict.get(section), dict) for section in ORIGINAL_SECTIONS)
+    )
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+
+
+def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The original-layout config dict at `path_or_id`, or `None` when it is not (or cannot be read as) one."""
+    if isinstance(path_or_id, OptVQConfig):
+        return None
+    try:
+        config_file = cached_file(
+            str(path_or_id),
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **_hub_kwargs(kwargs),
+        )
+    except (OSError, ValueError):
+        return None
+    if config_file is None:
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        try:
+            config_dict = json.load(handle)
+        except json.JSONDecodeError:
+            return None
+    return config_dict if is_original_config(config_dict) else None
+
+
+def config_from_original(original: dict[str, Any], **overrides) -> OptVQConfig:
+    """Translate the original nested config into an [`OptVQConfig`] (overrides win)."""
+    encoder, decoder, quantize = (original[section] for section in ORIGINAL_SECTIONS)
+    if encoder.get("double_z", False):
+        raise ValueError("Original configs with `double_z=True` (a KL autoencoder) are not OptVQ models.")
+    for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution"):
+        if key in decoder and decoder[key] != encoder.get(key):
+            raise ValueError(f"Encoder and decoder disagree on {key!r}: {encoder.get(key)} vs {decoder[key]}.")
+    quantize_type = original.get("quantize_type", "optvq")
+    if quantize_type not in ("optvq", "basevq"):
+        raise ValueError(f"Unsupported original quantize_type {quantize_type!r} (expected 'optvq' or 'basevq').")
+    if quantize.get("loss_q_type", "l2") != "l2":
+        logger.warning("Original loss_q_type=%r: only the 'l2' quantization loss is implemented.", quantize["loss_q_type"])
+    if quantize.get("use_prob", False):
+        logger.warning("Original use_prob=True sampled tokens from the plan; tokens are taken by argmax here.")
+    if quantize.get("use_norm", False):
+        raise ValueError("Original configs with `use_norm=True` are not supported (the original code refuses them too).")
+    values = dict(
+        architecture="vqgan",
+        in_channels=encoder.get("in_channels", 3),
+        out_channels=decoder.get("out_ch", 3),
+        base_channels=encoder["ch"],
+        channel_multipliers=list(encoder["ch_mult"]),
+        num_res_blocks=encoder["num_res_blocks"],
+        attn_resolutions=list(encoder.get("attn_resolutions", [])),
+        resolution=encoder.get("resolution", 256),
+        latent_channels=encoder["z_channels"],
+        dropout=encoder.get("dropout", 0.0),
+        use_quant_conv=original.get("use_connector", True),
+        embed_dim=quantize["e_dim"],
+        codebook_size=quantize["n_e"],
+        num_heads=quantize.get("num_head", 1),
+        use_codebook_projection=quantize.get("use_proj", True),
+        quantizer_type="optvq" if quantize_type == "optvq" else "vq",
+        epsilon=float(quantize.get("epsilon", 10.0)),
+        num_iters=int(quantize.get("n_iters", 5)),
+        normalization=_NORMALIZE_MODES[quantize.get("normalize_mode", "all")],
+        commitment_weight=1.0,
+        beta=float(quantize.get("beta", 0.25)),
+    )
+    values.update(overrides)
+    return OptVQConfig(**values)
+
+
+def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map original keys (`model.encoder...`, `model.quantize.proj...`) to [`OptVQModel`] keys.
+
+    Training-only weights (`loss.discriminator.*`, `loss.perceptual_loss.*`) are dropped.
+    """
+    converted = {}
+    for key, tensor in state_dict.items():
+        name = key[len("model."):] if key.startswith("model.") else key
+        if name.startswith("loss."):
+            continue
+        for old, new in _RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+        converted[name] = tensor
+    return converted
+
+
+def _load_weights(path_or_id, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    hub_kwargs = _hub_kwargs(kwargs)
+    weights_file = cached_file(
+        str(path_or_id), "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if weights_file is not None:
+        return load_file(weights_file)
+    bin_file = cached_file(
+        str(path_or_id), "pytorch_model.bin", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if bin_file is None:
+        raise OSError(f"{path_or_id} has neither model.safetensors nor pytorch_model.bin.")
+    # Never unpickle arbitrary objects: tensors only.
+    return torch.load(bin_file, map_location="cpu", weights_only=True)
+
+
+def load_original_model(model_class, path_or_id, original_config: dict[str, Any], **kwargs):
+    """Build `model_class` from an original-layout folder or Hub id, converting config and weights."""
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    device_map = kwargs.pop("device_map", None)
+    hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _HUB_KWARGS}
+    kwargs.pop("trust_remote_code", None)
+    config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_FIELDS}
+    if kwargs:
+        raise TypeError(f"Unexpected arguments for loading an original OptVQ checkpoint: {sorted(kwargs)}.")
+    config = config_from_original(original_config, **config_overrides)
+    state_dict = convert_original_state_dict(_load_weights(path_or_id, hub_kwargs))
+    model = model_class(config)
+    load_converted_state_dict(model, state_dict)
+    logger.info(
+        "Converted the original-layout OptVQ checkpoint %s on the fly (nested config, `model.`-prefixed keys; "
+        "training-only `loss.*` weights dropped). Save it with `save_pretrained` to skip this next time.",
+        path_or_id,
+    )
+    model = _place(model, dtype, device_map)
+    return model.eval()
+
+
+def load_converted_state_dict(model, state_dict: dict[str, torch.Tensor]):
+    """`load_state_dict` that reports missing, unexpected and mis-shaped weights as one `ValueError`."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in sorted(set(own) & set(state_dict))
+        if own[key].shape != state_dict[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "The checkpoint's weights do not fit the config:"
+            + (f"\n  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
+            + (f"\n  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}" if unexpected else "")
+            + (f"\n  shape mismatch: {mismatched[:10]}" if mismatched else "")
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _place(model, dtype, device_map):
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+        quantizer = model.quantizer
+        model.to(dtype)
+        quantizer.float()  # the quantizer always computes in float32 (`_keep_in_fp32_modules`)
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            devices = set(device_map.values())
+            if len(devices) != 1:
+                raise ValueError("Original-layout checkpoints load onto a single device; pass one device in device_map.")
+            device_map = devices.pop()
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device_map)
+    return model
+
+
+def convert(input_path_or_id: str, output_dir: str, **kwargs) -> str:
+    """Convert an original checkpoint to a native folder (config, safetensors, image processor, model card)."""
+    from .image_processing_optvq import OptVQImageProcessor
+    from .modeling_optvq import OptVQModel
+
+    original_config = resolve_original_config(input_path_or_id, kwargs)
+    if original_config is None:
+        raise ValueError(f"{input_path_or_id} is not an original-layout OptVQ checkpoint (nested encoder/decoder/quantize config).")
+    model = load_original_model(OptVQModel, input_path_or_id, original_config, **kwargs)
+    model.save_pretrained(output_dir, source_checkpoint=str(input_path_or_id))
+    OptVQImageProcessor.from_model_config(model.config).save_pretrained(output_dir)
+    return output_dir
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description="Convert an original OptVQ checkpoint to an optvq-hf folder.")
+    parser.add_argument("--input", required=True, help="Hub id (e.g. BorelTHU/optvq-16x16x4) or local folder.")
+    parser.add_argument("--output", required=True, help="Folder to write the converted model to.")
+    parser.add_argument("--revision", default=None, help="Hub revision of the input.")
+    parser.add_argument(
+        "--inference_assignment", choices=("nearest", "sinkhorn"), default="nearest",
+        help="Token assignment at inference stored in the converted config.",
+    )
+    args = parser.parse_args(argv)
+    kwargs = {"inference_assignment": args.inference_assignment}
+    if args.revision:
+        kwargs["revision"] = args.revision
+    output = convert(args.input, args.output, **kwargs)
+    print(f"Wrote the converted model to {os.path.abspath(output)}")
+
+
+if __name__ == "__main__":
+    main()

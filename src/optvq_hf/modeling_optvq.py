@@ -1,0 +1,345 @@
+"""OptVQ as a transformers model: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub import HfApi, ModelCard
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .backbones import OptVQAttnBlock, OptVQResnetBlock, build_backbone
+from .configuration_optvq import OptVQConfig
+from .model_card import build_model_card
+from .quantization import OptVQQuantizer, build_quantizer
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class OptVQEncoderOutput(ModelOutput):
+    """Output of [`OptVQModel.encode`].
+
+    Args:
+        latents (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
+            Encoder features after `quant_conv`, before quantization.
+        quantized (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
+            Quantized latents (straight-through gradients to `latents`).
+        token_ids (`torch.LongTensor` of shape `(B, num_heads, h, w)`):
+            Code index of every head at every position.
+        quantization_loss (`torch.FloatTensor` of shape `()`):
+            Commitment + codebook loss of the quantizer.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            Perplexity of this batch's code histogram.
+        codebook_usage (`torch.FloatTensor` of shape `()`):
+            Fraction of codes used by this batch.
+        code_counts (`torch.FloatTensor` of shape `(codebook_size,)`):
+            How often each code was chosen in this batch.
+    """
+
+    latents: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    token_ids: torch.LongTensor | None = None
+    quantization_loss: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    code_counts: torch.FloatTensor | None = None
+
+
+@dataclass
+class OptVQModelOutput(ModelOutput):
+    """Output of [`OptVQModel.forward`].
+
+    Args:
+        reconstruction (`torch.FloatTensor` of shape `(B, out_channels, H, W)`):
+            Decoded image, nominally in [-1, 1] (not clamped).
+        token_ids (`torch.LongTensor` of shape `(B, num_heads, h, w)`):
+            Code index of every head at every position.
+        quantization_loss (`torch.FloatTensor` of shape `()`):
+            Commitment + codebook loss of the quantizer.
+        latents (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
+            Pre-quantization latents.
+        quantized (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
+            Quantized latents.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            Perplexity of this batch's code histogram.
+        codebook_usage (`torch.FloatTensor` of shape `()`):
+            Fraction of codes used by this batch.
+        code_counts (`torch.FloatTensor` of shape `(codebook_size,)`):
+            How often each code was chosen in this batch.
+    """
+
+    reconstruction: torch.FloatTensor | None = None
+    token_ids: torch.LongTensor | None = None
+    quantization_loss: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    code_counts: torch.FloatTensor | None = None
+
+
+class OptVQPreTrainedModel(PreTrainedModel):
+    """Weight initialization and the transformers plumbing shared by OptVQ models."""
+
+    config_class = OptVQConfig
+    base_model_prefix = "optvq"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["OptVQResnetBlock", "OptVQAttnBlock", "OptVQQuantizer"]
+    _keep_in_fp32_modules_strict = ["quantizer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # PyTorch's default initialization for convolutions and norms, as the original code; the quantizer
+        # initializes itself (table ~ N(0, 1), projection ~ N(0, 1/d)).
+        if isinstance(module, OptVQQuantizer):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            module.reset_parameters()
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class OptVQModel(OptVQPreTrainedModel):
+    r"""
+    OptVQ image tokenizer: a VQGAN-style (or small CNN) autoencoder whose latents are quantized by optimal-transport
+    (Sinkhorn) assignment during training and by nearest-neighbour (or Sinkhorn) assignment at inference.
+
+    Pixels are `(B, C, H, W)` in [-1, 1]; `H` and `W` must be divisible by `config.downsample_factor`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optvq_hf import OptVQConfig, OptVQModel
+    >>> model = OptVQModel(OptVQConfig.from_preset("optvq-mnist")).eval()
+    >>> pixels = torch.rand(2, 1, 32, 32) * 2 - 1
+    >>> encoded = model.encode(pixels)
+    >>> encoded.token_ids.shape
+    torch.Size([2, 4, 8, 8])
+    >>> model.decode_tokens(encoded.token_ids).shape
+    torch.Size([2, 1, 32, 32])
+    ```
+    """
+
+    def __init__(self, config: OptVQConfig):
+        super().__init__(config)
+        self.encoder, self.decoder = build_backbone(config)
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
+        else:
+            self.quant_conv = nn.Identity()
+            self.post_quant_conv = nn.Identity()
+        self.quantizer = build_quantizer(config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Input checks at the public boundary
+    # ----------------------------------------------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        config = self.config
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (B, {config.in_channels}, H, W), got {tuple(pixel_values.shape)}."
+            )
+        if pixel_values.shape[1] != config.in_channels:
+            raise ValueError(
+                f"`pixel_values` must have {config.in_channels} channels (config.in_channels), got "
+                f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}."
+            )
+        factor = config.downsample_factor
+        height, width = pixel_values.shape[-2:]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"Image height and width must be divisible by the downsampling factor {factor}, got {height}x{width}."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"`pixel_values` must be floating point in [-1, 1], got dtype {pixel_values.dtype}.")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("`pixel_values` contain NaN or Inf values.")
+
+    def _check_latents(self, latents: torch.Tensor, name: str):
+        expected = self.config.embed_dim
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != expected:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`{name}` must have shape (B, {expected}, h, w) (embed_dim={expected}), got {shape}.")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------------------------
+    def _encoder_dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype if self.config.use_quant_conv else next(self.encoder.parameters()).dtype
+
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pre-quantization latents `(B, embed_dim, h, w)` (encoder then `quant_conv`)."""
+        self._check_pixel_values(pixel_values)
+        hidden_states = self.encoder(pixel_values.to(self._encoder_dtype()))
+        return self.quant_conv(hidden_states)
+
+    def quantize(self, latents: torch.Tensor):
+        """Quantize latents `(B, embed_dim, h, w)`; returns the quantizer's [`QuantizerOutput`]."""
+        self._check_latents(latents, "latents")
+        return self.quantizer(latents)
+
+    def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> OptVQEncoderOutput:
+        """Encode and quantize images.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, in_channels, H, W)`): images in [-1, 1].
+            return_dict (`bool`, defaults to `True`): return an [`OptVQEncoderOutput`] rather than a tuple.
+        """
+        latents = self.encode_latents(pixel_values)
+        quantized = self.quantizer(latents)
+        output = OptVQEncoderOutput(
+            latents=latents,
+            quantized=quantized.quantized,
+            token_ids=quantized.token_ids,
+            quantization_loss=quantized.loss,
+            perplexity=quantized.perplexity,
+            codebook_usage=quantized.codebook_usage,
+            code_counts=quantized.code_counts,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Decode quantized latents `(B, embed_dim, h, w)` to pixels `(B, out_channels, h*f, w*f)`."""
+        self._check_latents(quantized, "quantized")
+        quantized = quantized.to(self.post_quant_conv.weight.dtype if self.config.use_quant_conv else quantized.dtype)
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def decode_tokens(self, token_ids: torch.LongTensor) -> torch.Tensor:
+        """Decode token ids `(B, num_heads, h, w)` (or `(B, h, w)` when `num_heads == 1`) to pixels."""
+        if not isinstance(token_ids, torch.Tensor):
+            raise ValueError(f"`token_ids` must be a torch.Tensor, got {type(token_ids).__name__}.")
+        if token_ids.ndim == 3 and self.config.num_heads == 1:
+            token_ids = token_ids.unsqueeze(1)
+        if token_ids.ndim != 4:
+            raise ValueError(
+                f"`token_ids` must have shape (B, num_heads={self.config.num_heads}, h, w)"
+                + (" or (B, h, w)" if self.config.num_heads == 1 else "")
+                + f", got {tuple(token_ids.shape)}."
+            )
+        return self.decode(self.quantizer.embed_tokens(token_ids))
+
+    @torch.no_grad()
+    def get_codebook(self) -> torch.Tensor:
+        """The codebook in use (after the shared projection), `(codebook_size, embed_dim // num_heads)`, float32."""
+        return self.quantizer.codebook.detach()
+
+    def get_last_layer_weight(self) -> torch.Tensor:
+        """Weight of the decoder's last convolution (for the VQGAN adaptive GAN weight)."""
+        return self.decoder.last_layer_weight
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> OptVQModelOutput:
+        """Encode, quantize and decode images.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, in_channels, H, W)`): images in [-1, 1].
+            return_dict (`bool`, *optional*): return an [`OptVQModelOutput`] (default) rather than a tuple.
+        """
+        encoded = self.encode(pixel_values)
+        reconstruction = self.decode(encoded.quantized)
+        output = OptVQModelOutput(
+            reconstruction=reconstruction,
+            token_ids=encoded.token_ids,
+            quantization_loss=encoded.quantization_loss,
+            latents=encoded.latents,
+            quantized=encoded.quantized,
+            perplexity=encoded.perplexity,
+            codebook_usage=encoded.codebook_usage,
+            code_counts=encoded.code_counts,
+        )
+        return_dict = True if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loading: native folders through transformers, original-release folders converted on the fly
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a model saved by `save_pretrained` or, converting on the fly, one in the original release's layout.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or a local folder. Original-layout
+                repositories (`BorelTHU/optvq-16x16x4`: nested `encoder`/`decoder`/`quantize` config, `model.`-prefixed
+                keys) are detected and converted; this is logged.
+            kwargs: the usual transformers loading arguments (`dtype`, `device_map`, `revision`, `cache_dir`,
+                `token`, `local_files_only`, config overrides, ...).
+        """
+        from .convert_original import load_original_model, resolve_original_config
+
+        original_config = resolve_original_config(pretrained_model_name_or_path, kwargs)
+        if original_config is not None:
+            return load_original_model(cls, pretrained_model_name_or_path, original_config, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as error:
+            if "size mismatch" in str(error) or "mismatched" in str(error):
+                raise ValueError(f"The checkpoint's weights do not fit the config: {error}") from error
+            raise
+
+    def save_pretrained(self, save_directory, *args, model_card: bool | ModelCard = True,
+                        source_checkpoint: str | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a model card (`README.md`).
+
+        Args:
+            save_directory (`str` or `os.PathLike`): where to write.
+            model_card (`bool` or `huggingface_hub.ModelCard`, defaults to `True`): `True` writes a generated card
+                unless the folder already has a `README.md`; a `ModelCard` is written as given; `False` writes none.
+            source_checkpoint (`str`, *optional*): recorded in the card when this model was converted.
+            args, kwargs: passed to `PreTrainedModel.save_pretrained`.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        readme = os.path.join(save_directory, "README.md")
+        if isinstance(model_card, ModelCard):
+            model_card.save(readme)
+        elif model_card and not os.path.exists(readme):
+            build_model_card(
+                self.config, repo_id=os.path.basename(os.path.abspath(save_directory)),
+                num_parameters=self.num_parameters(), source_checkpoint=source_checkpoint,
+            ).save(readme)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                    model_card: ModelCard | None = None, tags: list[str] | None = None, **save_kwargs):
+        """Upload weights, config and a full model card (not the transformers stub) to the Hub.
+
+        Args:
+            repo_id (`str`): target repository, created if needed.
+            commit_message (`str`, *optional*): commit message.
+            private (`bool`, *optional*): visibility of a newly created repository.
+            token (`str`, *optional*): Hub token.
+            revision (`str`, *optional*): branch to push to.
+            create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
+            model_card (`huggingface_hub.ModelCard`, *optional*): card to upload; generated when omitted.
+            tags (`list[str]`, *optional*): extra tags for the generated card.
+            save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card = model_card or build_model_card(self.config, repo_id=repo_id, num_parameters=self.num_parameters(),
+                                              tags=tags)
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, model_card=card, **save_kwargs)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=work_dir,
+                commit_message=commit_message or "Upload OptVQ model",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+__all__ = ["OptVQPreTrainedModel", "OptVQModel", "OptVQModelOutput", "OptVQEncoderOutput", "OptVQResnetBlock",
+           "OptVQAttnBlock"]
