@@ -237,6 +237,35 @@ class OptVQModel(OptVQPreTrainedModel):
         """The codebook in use (after the shared projection), `(codebook_size, embed_dim // num_heads)`, float32."""
         return self.quantizer.codebook.detach()
 
+    def tokens_to_sequence(self, token_ids: torch.LongTensor, offset: int = 0, **layout_kwargs) -> torch.LongTensor:
+        """Flatten token ids `(B, num_heads, h, w)` into LM sequences `(B, h * w * num_heads)`: raster order, heads
+        innermost, id = `offset + code`. See `optvq_hf.sequence.ImageSequenceLayout`.
+
+        Args:
+            token_ids (`torch.LongTensor`): `(B, num_heads, h, w)` (or `(B, h, w)` when `num_heads == 1`).
+            offset (`int`, defaults to 0): id of code 0 in the LM vocabulary.
+            layout_kwargs: other `ImageSequenceLayout` fields (`boi_token_id`, `eoi_token_id`, `head_vocabulary`,
+                `factorized`).
+        """
+        from .sequence import ImageSequenceLayout
+
+        return ImageSequenceLayout.from_config(self.config, offset=offset, **layout_kwargs).tokens_to_sequence(token_ids)
+
+    def sequence_to_tokens(self, sequence: torch.LongTensor, grid_size, offset: int = 0,
+                           **layout_kwargs) -> torch.LongTensor:
+        """Inverse of [`~OptVQModel.tokens_to_sequence`] (exact): `(B, L)` -> token ids `(B, num_heads, h, w)`.
+
+        Args:
+            sequence (`torch.LongTensor`): `(B, L)` as produced by `tokens_to_sequence` with the same arguments.
+            grid_size (`tuple[int, int]`): the latent grid `(h, w)` (image size // `config.downsample_factor`).
+            offset (`int`, defaults to 0): id of code 0 in the LM vocabulary.
+            layout_kwargs: other `ImageSequenceLayout` fields, as given to `tokens_to_sequence`.
+        """
+        from .sequence import ImageSequenceLayout
+
+        layout = ImageSequenceLayout.from_config(self.config, offset=offset, **layout_kwargs)
+        return layout.sequence_to_tokens(sequence, grid_size).to(self.device)
+
     def get_last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's last convolution (for the VQGAN adaptive GAN weight)."""
         return self.decoder.last_layer_weight
