@@ -1,0 +1,238 @@
+"""Loading the original release's checkpoints: a folder in the original layout, built here from the release notes,
+converted on the fly and checked against a float64 reference forward written in tests/reference_optvq.py."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
+from optvq_hf.convert_original import main as convert_main
+from reference_optvq import reference_codebook, reference_decode, reference_encode_features, reference_quantize
+
+TAMING = {"double_z": False, "z_channels": 32, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
+
+
+def original_config(num_head=2, quantize_type="optvq"):
+    quantize = {"n_e": 64, "e_dim": 16, "beta": 0.25, "use_proj": True, "fix_codes": False, "epsilon": 10,
+                "n_iters": 5, "normalize_mode": "all", "use_prob": False, "start_quantize_steps": None,
+                "num_head": num_head, "loss_q_type": "l2"}
+    return {
+        "encoder": dict(TAMING), "decoder": dict(TAMING), "quantize": quantize,
+        "loss": {"loss_l1_weight": 1.0, "loss_l2_weight": 1.0, "loss_p_weight": 3.0, "loss_q_weight": 1.0,
+                 "loss_g_weight": 1.0, "loss_d_weight": 1.0, "disc_in_channels": 3, "disc_num_layers": 3,
+                 "disc_start": 150000},
+        "quantize_type": quantize_type, "use_connector": True, "ckpt_path": None, "ignore_keys": [],
+        "image_key": "image", "colorize_nlabels": None, "monitor": None,
+    }
+
+
+def _taming_shapes(cfg, quantize):
+    """Key -> shape of a taming VQGAN with the release's naming (from the reference notes), `model.` prefixed."""
+    shapes = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        shapes[f"{name}.bias"] = (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"] = (c,)
+        shapes[f"{name}.bias"] = (c,)
+
+    def res(name, cin, cout):
+        norm(f"{name}.norm1", cin); conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout); conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        for p in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{p}", c, c, 1)
+
+    ch, mult, nres, z = cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["z_channels"]
+    conv("model.encoder.conv_in", cfg["in_channels"], ch, 3)
+    res_now, cin = cfg["resolution"], ch
+    for level, m in enumerate(mult):
+        for i in range(nres):
+            res(f"model.encoder.down.{level}.block.{i}", cin, ch * m); cin = ch * m
+            if res_now in cfg["attn_resolutions"]:
+                attn(f"model.encoder.down.{level}.attn.{i}", cin)
+        if level != len(mult) - 1:
+            conv(f"model.encoder.down.{level}.downsample.conv", cin, cin, 3); res_now //= 2
+    res("model.encoder.mid.block_1", cin, cin); attn("model.encoder.mid.attn_1", cin); res("model.encoder.mid.block_2", cin, cin)
+    norm("model.encoder.norm_out", cin); conv("model.encoder.conv_out", cin, z, 3)
+    e_dim = quantize["e_dim"]
+    conv("model.quant_conv", z, e_dim, 1); conv("model.post_quant_conv", e_dim, z, 1)
+    code_dim = e_dim // quantize["num_head"]
+    shapes["model.quantize.embedding.weight"] = (quantize["n_e"], code_dim)
+    shapes["model.quantize.proj.weight"] = (code_dim, code_dim)
+    shapes["model.quantize.proj.bias"] = (code_dim,)
+    cin = ch * mult[-1]
+    conv("model.decoder.conv_in", z, cin, 3)
+    res("model.decoder.mid.block_1", cin, cin); attn("model.decoder.mid.attn_1", cin); res("model.decoder.mid.block_2", cin, cin)
+    res_now = cfg["resolution"] // 2 ** (len(mult) - 1)
+    for level in reversed(range(len(mult))):
+        for i in range(nres + 1):
+            res(f"model.decoder.up.{level}.block.{i}", cin, ch * mult[level]); cin = ch * mult[level]
+            if res_now in cfg["attn_resolutions"]:
+                attn(f"model.decoder.up.{level}.attn.{i}", cin)
+        if level != 0:
+            conv(f"model.decoder.up.{level}.upsample.conv", cin, cin, 3); res_now *= 2
+    norm("model.decoder.norm_out", cin); conv("model.decoder.conv_out", cin, cfg["out_ch"], 3)
+    # training-only weights that the release also stores
+    conv("loss.discriminator.main.0", 3, 8, 4)
+    shapes["loss.discriminator.main.2.running_mean"] = (8,)
+    conv("loss.perceptual_loss.net.slice1.0", 3, 8, 3)
+    return shapes
+
+
+def write_original_folder(path, num_head=2, quantize_type="optvq", seed=0):
+    config = original_config(num_head, quantize_type)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in _taming_shapes(config["encoder"], config["quantize"]).items():
+        if key.endswith("norm1.weight") or key.endswith("norm2.weight") or ".norm" in key and key.endswith(".weight") and len(shape) == 1:
+            tensor = 1 + 0.1 * torch.randn(shape, generator=generator)
+        elif "embedding" in key:
+            tensor = torch.randn(shape, generator=generator)
+        elif key.endswith(".weight") and len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            tensor = torch.randn(shape, generator=generator) * (1.0 / fan_in) ** 0.5
+        else:
+            tensor = 0.1 * torch.randn(shape, generator=generator)
+        state[key] = tensor.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "README.md").write_text("---\ntags:\n- model_hub_mixin\n---\nstub\n")
+    save_file(state, str(path / "model.safetensors"))
+    return state
+
+
+@pytest.fixture(scope="module")
+def original_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("original")
+    state = write_original_folder(path)
+    return path, state
+
+
+def _pixels(batch=3, seed=1):
+    return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_config_is_translated(original_folder):
+    path, _ = original_folder
+    model = OptVQModel.from_pretrained(path)
+    config = model.config
+    assert (config.base_channels, config.channel_multipliers, config.num_res_blocks) == (32, [1, 2], 1)
+    assert (config.embed_dim, config.codebook_size, config.num_heads, config.latent_channels) == (16, 64, 2, 32)
+    assert config.quantizer_type == "optvq" and config.use_codebook_projection and config.beta == 0.25
+    assert not model.training
+
+
+def test_logs_the_conversion(original_folder, caplog):
+    path, _ = original_folder
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.INFO):
+            OptVQModel.from_pretrained(path)
+    finally:
+        hf_logging.disable_propagation()
+        hf_logging.set_verbosity_warning()
+    assert "Converted the original-layout OptVQ checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "sinkhorn"])
+def test_matches_reference_forward(original_folder, assignment):
+    path, state = original_folder
+    model = OptVQModel.from_pretrained(path, inference_assignment=assignment)
+    pixels = _pixels()
+    with torch.no_grad():
+        encoded = model.encode(pixels)
+        decoded = model.decode_tokens(encoded.token_ids)
+    ref_features = reference_encode_features(state, pixels, num_levels=2)
+    ref_codebook = reference_codebook(state)
+    ref_quantized, ref_tokens = reference_quantize(ref_features, ref_codebook, num_heads=2, assignment=assignment)
+    ref_pixels = reference_decode(state, ref_quantized, num_levels=2)
+
+    torch.testing.assert_close(encoded.latents.double(), ref_features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.get_codebook().double(), ref_codebook, atol=1e-5, rtol=1e-5)
+    assert torch.equal(encoded.token_ids, ref_tokens)
+    torch.testing.assert_close(decoded.double(), ref_pixels, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(encoded.quantized.double(), ref_quantized, atol=1e-5, rtol=1e-5)
+
+
+def test_sinkhorn_tokens_depend_on_batch_nearest_do_not(original_folder):
+    path, _ = original_folder
+    pixels = _pixels(batch=6)
+    nearest = OptVQModel.from_pretrained(path, inference_assignment="nearest")
+    with torch.no_grad():
+        alone = nearest.encode(pixels[:1]).token_ids
+        together = nearest.encode(pixels).token_ids[:1]
+    assert torch.equal(alone, together)
+
+
+def test_cli_writes_a_native_folder(original_folder, tmp_path, capsys):
+    path, _ = original_folder
+    out = tmp_path / "converted"
+    convert_main(["--input", str(path), "--output", str(out), "--inference_assignment", "sinkhorn"])
+    assert "Wrote the converted model" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "optvq" and config["inference_assignment"] == "sinkhorn"
+    assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
+    card = (out / "README.md").read_text()
+    assert str(path) in card and "arxiv:2412.15195" in card
+    converted = OptVQModel.from_pretrained(out)
+    direct = OptVQModel.from_pretrained(path, inference_assignment="sinkhorn")
+    pixels = _pixels()
+    with torch.no_grad():
+        a, b = converted(pixels), direct(pixels)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction)
+    processor = OptVQImageProcessor.from_pretrained(out)
+    assert processor.crop_size["height"] == 16
+
+
+def test_basevq_original_is_plain_vq(tmp_path):
+    state = write_original_folder(tmp_path / "vq", num_head=1, quantize_type="basevq")
+    model = OptVQModel.from_pretrained(tmp_path / "vq")
+    assert model.config.quantizer_type == "vq" and model.config.num_heads == 1
+    pixels = _pixels(2)
+    with torch.no_grad():
+        tokens = model.encode(pixels).token_ids
+    features = reference_encode_features(state, pixels, 2)
+    _, ref_tokens = reference_quantize(features, reference_codebook(state), 1, "nearest")
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_weights_that_do_not_fit_raise(tmp_path):
+    state = write_original_folder(tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["quantize"]["n_e"] = 32  # the stored table has 64 codes
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit"):
+        OptVQModel.from_pretrained(tmp_path / "bad")
+    del state
+
+
+def test_dtype_loading_keeps_quantizer_float32(original_folder):
+    path, _ = original_folder
+    model = OptVQModel.from_pretrained(path, dtype=torch.bfloat16)
+    assert model.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert model.quantizer.embedding.weight.dtype == torch.float32
+    with torch.no_grad():
+        out = model(_pixels().bfloat16())
+    assert out.reconstruction.dtype == torch.bfloat16 and torch.isfinite(out.reconstruction.float()).all()
+
+
+def test_native_folder_is_not_treated_as_original(tmp_path):
+    model = OptVQModel(OptVQConfig.from_preset("optvq-mnist"))
+    model.save_pretrained(tmp_path)
+    reloaded = OptVQModel.from_pretrained(tmp_path)
+    assert reloaded.config.architecture == "simple_cnn"

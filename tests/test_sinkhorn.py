@@ -1,0 +1,104 @@
+"""`sinkhorn_assign` against an independent float64 implementation of the published algorithm."""
+
+import pytest
+import torch
+
+from optvq_hf import nearest_assign, sinkhorn_assign
+from reference_optvq import reference_sinkhorn_assign
+
+
+def _data(num_rows, num_codes, dim, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_rows, dim, generator=generator) * scale
+    codebook = torch.randn(num_codes, dim, generator=generator) * scale
+    return features, codebook
+
+
+@pytest.mark.parametrize("num_rows,num_codes,dim", [(64, 16, 2), (200, 64, 4), (37, 128, 8), (512, 32, 3)])
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_matches_published_algorithm(num_rows, num_codes, dim, normalization):
+    mismatches = 0
+    total = 0
+    for seed in range(3):
+        features, codebook = _data(num_rows, num_codes, dim, seed)
+        ours = sinkhorn_assign(features, codebook, epsilon=10.0, num_iters=5, normalization=normalization)
+        reference = reference_sinkhorn_assign(features, codebook, 10.0, 5, normalization)
+        assert ours.shape == (num_rows,) and ours.dtype == torch.long
+        mismatches += int((ours != reference).sum())
+        total += num_rows
+    # float32 vs float64: only exact near-ties may flip.
+    assert mismatches <= max(1, total // 500)
+
+
+@pytest.mark.parametrize("epsilon,num_iters", [(1.0, 1), (3.0, 3), (10.0, 10), (20.0, 2)])
+def test_matches_for_other_parameters(epsilon, num_iters):
+    features, codebook = _data(150, 40, 4, seed=7)
+    ours = sinkhorn_assign(features, codebook, epsilon=epsilon, num_iters=num_iters)
+    reference = reference_sinkhorn_assign(features, codebook, epsilon, num_iters)
+    assert int((ours != reference).sum()) <= 1
+
+
+def test_zero_iterations_is_nearest_neighbour():
+    features, codebook = _data(300, 50, 6, seed=3)
+    assert torch.equal(sinkhorn_assign(features, codebook, num_iters=0), nearest_assign(features, codebook))
+
+
+def test_balances_the_codebook_where_nearest_collapses():
+    # All features sit near one code: nearest uses a handful of codes, the transport plan spreads over all of them.
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(32, 4, generator=generator)
+    features = codebook[0] + 0.5 * torch.randn(1024, 4, generator=generator)
+    sinkhorn_codes = sinkhorn_assign(features, codebook).unique().numel()
+    nearest_codes = nearest_assign(features, codebook).unique().numel()
+    assert sinkhorn_codes == 32 and nearest_codes < sinkhorn_codes
+
+
+def test_invariant_to_shift_and_scale_under_all_normalization():
+    features, codebook = _data(128, 32, 4, seed=5)
+    base = sinkhorn_assign(features, codebook)
+    scaled = sinkhorn_assign(features * 1000.0 + 5.0, codebook * 1000.0 + 5.0)
+    assert (base != scaled).sum() <= 1
+
+
+def test_underflow_is_finite_and_sensible():
+    # With normalization "none" and huge distances, exp(-eps * D) underflows to 0 in the published algorithm.
+    features, codebook = _data(64, 16, 4, seed=9, scale=100.0)
+    ids = sinkhorn_assign(features, codebook, normalization="none")
+    assert ids.min() >= 0 and ids.max() < 16
+    # With no iterations, the log-domain plan is exactly the nearest neighbour even where exp underflows.
+    assert torch.equal(sinkhorn_assign(features, codebook, normalization="none", num_iters=0),
+                       nearest_assign(features, codebook))
+
+
+@pytest.mark.parametrize("num_rows,num_codes", [(1, 1), (1, 8), (8, 1), (3, 50)])
+def test_degenerate_sizes(num_rows, num_codes):
+    features, codebook = _data(num_rows, num_codes, 3, seed=1)
+    ids = sinkhorn_assign(features, codebook)
+    assert ids.shape == (num_rows,) and int(ids.min()) >= 0 and int(ids.max()) < num_codes
+
+
+def test_identical_features_do_not_produce_nan():
+    ids = sinkhorn_assign(torch.ones(16, 4), torch.ones(8, 4))
+    assert ids.shape == (16,) and int(ids.max()) < 8
+
+
+def test_gradients_are_not_tracked():
+    features, codebook = _data(32, 8, 2, seed=2)
+    features.requires_grad_(True)
+    ids = sinkhorn_assign(features, codebook)
+    assert not ids.requires_grad
+
+
+@pytest.mark.parametrize(
+    "features,codebook,kwargs,match",
+    [
+        (torch.randn(4, 3), torch.randn(5, 2), {}, "last dimension"),
+        (torch.randn(4), torch.randn(5, 2), {}, r"\(N, d\)"),
+        (torch.randn(4, 2), torch.randn(5, 2), {"normalization": "batch"}, "normalization"),
+        (torch.randn(4, 2), torch.randn(5, 2), {"epsilon": 0.0}, "epsilon"),
+        (torch.randn(4, 2), torch.randn(5, 2), {"num_iters": -1}, "num_iters"),
+    ],
+)
+def test_bad_arguments_raise_value_error(features, codebook, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinkhorn_assign(features, codebook, **kwargs)
