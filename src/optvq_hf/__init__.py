@@ -33,3 +33,9 @@ __all__ = [
     "sinkhorn_assign",
     "__version__",
 ]
+
+# OptVQ as an LM tokenizer: token grid <-> sequence layout and the images <-> sequences processor.
+from .processing_optvq import OptVQProcessor  # noqa: E402
+from .sequence import ImageSequenceLayout  # noqa: E402
+
+__all__ += ["OptVQProcessor", "ImageSequenceLayout"]
