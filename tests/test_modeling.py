@@ -212,11 +212,13 @@ def test_no_split_modules_name_real_classes():
     assert set(model._no_split_modules) <= names
 
 
-def test_quantizer_compiles_without_graph_breaks():
-    model = tiny_model().eval()
-    latents = torch.randn(2, 8, 4, 4)
-    explanation = torch._dynamo.explain(model.quantizer)(latents)
-    assert explanation.graph_break_count == 0
+@pytest.mark.parametrize("training", [False, True])
+def test_compiles_without_graph_breaks(training):
+    model = tiny_model().train(training)
+    explanation = torch._dynamo.explain(model.quantizer)(torch.randn(2, 8, 4, 4))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    explanation = torch._dynamo.explain(model)(pixels())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_push_to_hub_uploads_weights_and_a_full_model_card(tmp_path, monkeypatch):

@@ -192,8 +192,10 @@ class VQGANDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(hidden_states)))
 
 
-class SimpleCNNEncoder(nn.Module):
+class SimpleCNNEncoder(GradientCheckpointingLayer):
     """The paper's Table 4 encoder (f = 4): conv3x3-ReLU, [conv2x2/2, conv3x3-ReLU] x 2, conv3x3.
+
+    Small enough to be checkpointed as a whole under gradient checkpointing.
 
     Widths are `base_channels * channel_multipliers` (16, 16, 32 in the paper); output has `latent_channels`.
     """
@@ -215,7 +217,7 @@ class SimpleCNNEncoder(nn.Module):
         return self.out_fc(hidden_states)
 
 
-class SimpleCNNDecoder(nn.Module):
+class SimpleCNNDecoder(GradientCheckpointingLayer):
     """The paper's Table 4 decoder: conv3x3, [ReLU, convT2x2/2, conv3x3] x 2, ReLU, conv3x3 to `out_channels`."""
 
     def __init__(self, config):
