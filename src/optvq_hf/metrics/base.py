@@ -1,0 +1,156 @@
+"""The shared machinery of the `evaluate` modules in this package.
+
+`evaluate.Metric` stores whatever `add_batch` receives in an Arrow table (one per process) and hands the gathered
+table to `_compute` on process 0. Storing images would cost as much as the dataset, so these modules store
+*per-image statistics* instead (a PSNR, an SSIM, an LPIPS distance, a feature vector, a list of token ids): `add_batch`
+takes the images, turns them into one row per image, and writes those rows. Because every row depends on its image
+only, the table holds the same rows whether the data came in one batch or many, from one process or several
+(`evaluate.load(..., num_process=N, process_id=rank, experiment_id=...)`), and `_compute` reduces the rows in an
+order-independent way (`math.fsum`, sorted features), so the result is the same to the last bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+
+from .functional import to_unit_images
+
+__all__ = ["PerImageMetric"]
+
+
+class PerImageMetric(evaluate.Metric):
+    """Base of the image metrics: `add_batch(predictions=..., references=...)` with image batches.
+
+    Subclasses define `statistics_features` (the stored columns), `description`, `citation`, `inputs_description`,
+    and `image_statistics(predictions, references) -> dict[str, list]` (inputs already in `[0, 1]`, float64).
+
+    Args:
+        input_range (`tuple[float, float]`, defaults to `(-1.0, 1.0)`): range of float images (the model's outputs
+            and `OptVQImageProcessor`'s `pixel_values` are in `[-1, 1]`); `uint8` images are read as `[0, 255]`.
+        kwargs: `evaluate.EvaluationModule` arguments (`num_process`, `process_id`, `experiment_id`,
+            `keep_in_memory`, `cache_dir`, ...).
+    """
+
+    statistics_features: dict[str, Any] = {}
+    description = ""
+    citation = ""
+    inputs_description = ""
+
+    def __init__(self, input_range: tuple[float, float] = (-1.0, 1.0), **kwargs):
+        if len(tuple(input_range)) != 2 or not float(input_range[1]) > float(input_range[0]):
+            raise ValueError(f"`input_range` must be (low, high) with high > low, got {input_range!r}.")
+        self.input_range = (float(input_range[0]), float(input_range[1]))
+        super().__init__(**kwargs)
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=self.description,
+            citation=self.citation,
+            inputs_description=self.inputs_description,
+            features=datasets.Features(self.statistics_features),
+        )
+
+    def image_statistics(self, predictions: torch.Tensor, references: torch.Tensor) -> dict[str, list]:
+        raise NotImplementedError
+
+    def statistics(self, predictions, references) -> dict[str, list]:
+        """The rows `add_batch` stores for a batch of images."""
+        if predictions is None or references is None:
+            raise ValueError(f"{type(self).__name__} needs both `predictions` and `references`.")
+        predictions = to_unit_images(predictions, self.input_range, "predictions")
+        references = to_unit_images(references, self.input_range, "references")
+        if predictions.shape != references.shape:
+            raise ValueError(
+                f"`predictions` and `references` must have the same shape, got {tuple(predictions.shape)} and "
+                f"{tuple(references.shape)}."
+            )
+        return self.image_statistics(predictions, references)
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch: `predictions` (reconstructions) and `references` (originals), `(B, C, H, W)` or `(B, H, W)`."""
+        if kwargs:
+            raise ValueError(f"Unexpected inputs {sorted(kwargs)}; {type(self).__name__} takes predictions and references.")
+        super().add_batch(**self.statistics(predictions, references))
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one image pair, `(C, H, W)` or `(H, W)`."""
+        self.add_batch(predictions=_one(prediction), references=_one(reference), **kwargs)
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """Reduce everything added so far (plus `predictions`/`references` if given). `None` on processes > 0."""
+        if predictions is not None or references is not None:
+            self.add_batch(predictions=predictions, references=references)
+        if self.writer is None:
+            raise ValueError(f"Nothing to compute: call add_batch first or pass predictions and references.")
+        return super().compute(**kwargs)
+
+
+def _one(item):
+    if item is None:
+        return None
+    tensor = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
+    return tensor.unsqueeze(0)
+
+
+class TokenMetric(evaluate.Metric):
+    """Base of the codebook metrics: `add_batch(predictions=token_ids)` with any shape `(B, ...)` of token ids.
+
+    Args:
+        codebook_size (`int`): number of codes (required).
+        kwargs: `evaluate.EvaluationModule` arguments.
+    """
+
+    description = ""
+    citation = ""
+    inputs_description = ""
+
+    def __init__(self, codebook_size: int | None = None, **kwargs):
+        if codebook_size is None or int(codebook_size) != codebook_size or codebook_size < 1:
+            raise ValueError(f"`codebook_size` must be a positive integer, got {codebook_size!r}.")
+        self.codebook_size = int(codebook_size)
+        super().__init__(**kwargs)
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=self.description,
+            citation=self.citation,
+            inputs_description=self.inputs_description,
+            features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32"))}),
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add the token ids of a batch of images, `(B, ...)` (e.g. `(B, num_heads, h, w)`)."""
+        if predictions is None:
+            raise ValueError("Pass the token ids as `predictions`.")
+        if references is not None or kwargs:
+            raise ValueError(f"{type(self).__name__} takes token ids as `predictions` only.")
+        if isinstance(predictions, torch.Tensor):
+            array = predictions.detach().cpu().numpy()
+        else:
+            array = np.asarray(predictions)
+        if array.ndim < 1 or array.dtype.kind not in "iu":
+            raise ValueError(f"Token ids must be an integer array (B, ...), got dtype {array.dtype}, shape {array.shape}.")
+        array = array.reshape(array.shape[0], -1).astype(np.int64)
+        if array.size and (array.min() < 0 or array.max() >= self.codebook_size):
+            raise ValueError(
+                f"Token ids must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), got "
+                f"values in [{array.min()}, {array.max()}]."
+            )
+        super().add_batch(tokens=[row.astype(np.int32) for row in array])
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add the token ids of one image."""
+        self.add_batch(predictions=_one(prediction), references=reference, **kwargs)
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """Codebook statistics of all token ids added so far (plus `predictions` if given)."""
+        if predictions is not None:
+            self.add_batch(predictions=predictions, references=references)
+        if self.writer is None:
+            raise ValueError("Nothing to compute: call add_batch first or pass predictions.")
+        return super().compute(**kwargs)
