@@ -39,3 +39,18 @@ from .processing_optvq import OptVQProcessor  # noqa: E402
 from .sequence import ImageSequenceLayout  # noqa: E402
 
 __all__ += ["OptVQProcessor", "ImageSequenceLayout"]
+
+# diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` and `compute_scaling_factor` are imported on
+# first access, so `import optvq_hf` works without diffusers.
+_DIFFUSERS_EXPORTS = ("OptVQVQModel", "OptVQDiffusersQuantizer", "compute_scaling_factor")
+
+
+def __getattr__(name):
+    if name in _DIFFUSERS_EXPORTS:
+        from . import diffusers_vq
+
+        return getattr(diffusers_vq, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_DIFFUSERS_EXPORTS)
