@@ -11,7 +11,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 ARCHITECTURES = ("vqgan", "simple_cnn")
-QUANTIZER_TYPES = ("optvq", "vq")
+QUANTIZER_TYPES = ("optvq", "vq", "otvae")
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 NORMALIZATIONS = ("all", "dim", "none")
 
@@ -59,6 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vq-mnist": dict(_SMALL_CNN, num_heads=1, quantizer_type="vq"),
     "optvq-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=4, quantizer_type="optvq"),
     "vq-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=1, quantizer_type="vq"),
+    # OT-VAE (equipartition OT targets + Gumbel-softmax decoding) on the same network, for ablations.
+    "otvae-mnist": dict(_SMALL_CNN, num_heads=4, quantizer_type="otvae"),
+    "otvae-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=4, quantizer_type="otvae"),
 }
 
 
@@ -112,7 +115,8 @@ class OptVQConfig(PretrainedConfig):
         use_codebook_projection (`bool`, *optional*, defaults to `True`):
             Whether the codebook in use is a shared affine projection of the stored table (`use_proj`).
         quantizer_type (`str`, *optional*, defaults to `"optvq"`):
-            `"optvq"` (Sinkhorn assignment during training) or `"vq"` (nearest neighbour).
+            `"optvq"` (Sinkhorn assignment during training), `"vq"` (nearest neighbour) or `"otvae"` (OT-VAE:
+            equipartition optimal-transport targets and Gumbel-softmax decoding, see [`OTVAEQuantizer`]).
         epsilon (`float`, *optional*, defaults to 10.0):
             Sinkhorn inverse temperature.
         num_iters (`int`, *optional*, defaults to 5):
@@ -128,6 +132,10 @@ class OptVQConfig(PretrainedConfig):
             How tokens are chosen in eval mode: `"nearest"` (batch-independent, deterministic) or `"sinkhorn"` (the
             original code's behaviour: an image's tokens depend on the rest of its batch). Training always uses the
             configured quantizer.
+        gumbel_temperature (`float`, *optional*, defaults to 1.0):
+            `"otvae"` only: temperature of the Gumbel-softmax sample decoded during training.
+        gumbel_hard (`bool`, *optional*, defaults to `False`):
+            `"otvae"` only: decode a straight-through one-hot Gumbel sample instead of the soft one.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Unused by the backbones (PyTorch's default init, as the original code); kept for transformers tooling.
     """
@@ -160,6 +168,8 @@ class OptVQConfig(PretrainedConfig):
         commitment_weight: float = 1.0,
         beta: float = 0.25,
         inference_assignment: str = "nearest",
+        gumbel_temperature: float = 1.0,
+        gumbel_hard: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -187,6 +197,8 @@ class OptVQConfig(PretrainedConfig):
         self.commitment_weight = commitment_weight
         self.beta = beta
         self.inference_assignment = inference_assignment
+        self.gumbel_temperature = gumbel_temperature
+        self.gumbel_hard = gumbel_hard
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate()
@@ -237,6 +249,8 @@ class OptVQConfig(PretrainedConfig):
             raise ValueError(f"`epsilon` must be positive, got {self.epsilon}.")
         if self.num_iters < 0:
             raise ValueError(f"`num_iters` must be >= 0, got {self.num_iters}.")
+        if not self.gumbel_temperature > 0:
+            raise ValueError(f"`gumbel_temperature` must be positive, got {self.gumbel_temperature}.")
 
     @property
     def downsample_factor(self) -> int:

@@ -297,4 +297,15 @@ def build_quantizer(config) -> OptVQQuantizer:
             normalization=config.normalization,
             inference_assignment=config.inference_assignment,
         )
+    if config.quantizer_type == "otvae":
+        from .otvae import OTVAEQuantizer
+
+        return OTVAEQuantizer(
+            **common,
+            epsilon=config.epsilon,
+            num_iters=config.num_iters,
+            normalization=config.normalization,
+            gumbel_temperature=getattr(config, "gumbel_temperature", 1.0),
+            gumbel_hard=getattr(config, "gumbel_hard", False),
+        )
     raise ValueError(f"Unknown quantizer_type {config.quantizer_type!r}.")
