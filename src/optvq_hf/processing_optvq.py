@@ -19,6 +19,7 @@ transformers processors:
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -120,15 +121,19 @@ class OptVQProcessor(ProcessorMixin):
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): folder (or Hub id) with `processor_config.json`.
             model ([`OptVQModel`], *optional*): the tokenizer to attach instead of loading one.
-            load_model (`bool`, defaults to `True`): load the model from the folder when it has a `config.json`.
+            load_model (`bool`, defaults to `True`): load the model from the folder when its `config.json` is an
+                OptVQ config.
             kwargs: overrides of saved fields (`offset`, ...) and the usual loading arguments.
         """
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if model is None and load_model and os.path.isfile(os.path.join(str(pretrained_model_name_or_path),
-                                                                       "config.json")):
-            from .modeling_optvq import OptVQModel
+        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
+        if model is None and load_model and os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+            if model_type == "optvq":  # a folder may also hold another model's config (e.g. the LM's)
+                from .modeling_optvq import OptVQModel
 
-            model = OptVQModel.from_pretrained(pretrained_model_name_or_path).eval()
+                model = OptVQModel.from_pretrained(pretrained_model_name_or_path).eval()
         if model is not None:
             processor.model = model
         return processor
