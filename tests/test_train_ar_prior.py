@@ -1,0 +1,125 @@
+"""examples/train_ar_prior.py at tiny size: real OptVQ tokenizer, real Llama prior, real generate and decoding."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from optvq_hf import OptVQConfig, OptVQModel, OptVQProcessor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_ar_prior.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_ar_prior", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, cwd):
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=environment, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _check_samples_png(output_dir):
+    """Every tile of samples.png must be the tokenizer's decoding of the saved sequence, at its label's row."""
+    info = json.loads(open(os.path.join(output_dir, "samples.json")).read())
+    processor = OptVQProcessor.from_pretrained(os.path.join(output_dir, "image_tokenizer"))
+    sequences = torch.tensor(info["sequences"])
+    decoded = processor.batch_decode(sequences, info["grid_size"], output_type="np")[..., 0]
+    grid = np.asarray(Image.open(os.path.join(output_dir, "samples.png")))
+    height, width = decoded.shape[1:]
+    for slot, index in enumerate(info["order"]):
+        row, column = divmod(slot, info["columns"])
+        top, left = 2 + row * (height + 2), 2 + column * (width + 2)
+        np.testing.assert_array_equal(grid[top:top + height, left:left + width], decoded[index])
+    labels_in_order = [info["labels"][index] for index in info["order"]]
+    assert labels_in_order == sorted(labels_in_order)
+    return info, processor
+
+
+def test_prior_with_saved_multi_head_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    config = OptVQConfig.from_preset("optvq-mnist", codebook_size=32, num_heads=2, embed_dim=8, base_channels=8,
+                                     latent_channels=8, resolution=16)
+    tokenizer_dir = tmp_path / "tokenizer"
+    OptVQModel(config).save_pretrained(tokenizer_dir)
+    output_dir = tmp_path / "prior"
+    result = _run("--tokenizer", str(tokenizer_dir), "--dataset_name", "synthetic-digits", "--max_train_samples", "60",
+                  "--output_dir", str(output_dir), "--max_train_steps", "40", "--train_batch_size", "16",
+                  "--warmup_steps", "5", "--hidden_size", "32", "--num_layers", "1", "--num_attention_heads", "2",
+                  "--num_samples", "4", "--head_vocabulary", "per_head", "--learning_rate", "3e-3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    info, processor = _check_samples_png(output_dir)
+    assert info["labels"] == [0, 1, 2, 3] and info["grid_size"] == [4, 4]
+    # Sequences: begin-of-image (= 10 classes) then 4 * 4 positions x 2 heads, head k in its own id range.
+    sequences = torch.tensor(info["sequences"])
+    assert sequences.shape == (4, 1 + 32)
+    assert sequences[:, 0].eq(10).all()
+    offset = 11
+    assert processor.layout.offset == offset and processor.layout.head_vocabulary == "per_head"
+    assert ((sequences[:, 1::2] >= offset) & (sequences[:, 1::2] < offset + 32)).all()
+    assert ((sequences[:, 2::2] >= offset + 32) & (sequences[:, 2::2] < offset + 64)).all()
+
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM.from_pretrained(output_dir)
+    assert lm.config.vocab_size == offset + 2 * 32 == processor.vocab_size
+    assert lm.config.optvq_offset == offset and lm.config.optvq_grid_size == [4, 4]
+    assert lm.config.num_hidden_layers == 1
+
+    log = json.loads((output_dir / "train_log.json").read_text())
+    losses = [entry["loss"] for entry in log["log"]]
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+
+
+def test_prior_with_quick_tokenizer_and_label_rows(tmp_path):
+    result = _run("--train_tokenizer_steps", "3", "--tokenizer_codebook_size", "16", "--resolution", "16",
+                  "--dataset_name", "synthetic-digits", "--max_train_samples", "30", "--output_dir", "out",
+                  "--max_train_steps", "3", "--train_batch_size", "8", "--hidden_size", "32", "--num_layers", "1",
+                  "--num_attention_heads", "2", "--num_samples", "12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info, processor = _check_samples_png(tmp_path / "out")
+    # 12 samples over 10 labels: two columns, rows ordered by label.
+    assert info["columns"] == 2 and info["labels"] == [i % 10 for i in range(12)]
+    assert processor.model.config.codebook_size == 16
+    assert Image.open(tmp_path / "out" / "samples.png").size == (2 + 2 * 18, 2 + 6 * 18)
+
+
+def test_image_token_logits_processor_restricts_each_head():
+    script = _load_script()
+    layout = OptVQProcessor(script.OptVQImageProcessor(num_channels=1), codebook_size=5, num_heads=2, offset=3,
+                            boi_token_id=2, head_vocabulary="per_head").layout
+    logits_processor = script.ImageTokenLogitsProcessor(layout, prompt_length=2)
+    scores = torch.randn(3, layout.vocab_size)
+    for generated, (low, high) in ((0, (3, 8)), (1, (8, 13)), (2, (3, 8))):
+        masked = logits_processor(torch.zeros(3, 2 + generated, dtype=torch.long), scores)
+        finite = torch.isfinite(masked)
+        assert finite[:, low:high].all() and finite.sum() == 3 * (high - low)
+        assert torch.equal(masked[:, low:high], scores[:, low:high])
+
+
+def test_synthetic_digits_and_argument_errors(tmp_path):
+    script = _load_script()
+    images, labels = script.synthetic_digits(12, seed=1)
+    assert labels == [i % 10 for i in range(12)]
+    arrays = np.stack([np.asarray(image) for image in images])
+    assert arrays.shape == (12, 28, 28) and arrays.max() > 200 and arrays.mean() < 100
+    assert not np.array_equal(arrays[0], arrays[10])  # same digit, different draw
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output_dir", str(tmp_path)])  # neither --tokenizer nor --train_tokenizer_steps
+    args = script.parse_args(["--output_dir", str(tmp_path), "--tokenizer", "x", "--dataset_name", "mnist",
+                              "--data_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="MNIST parquet not found"):
+        script.load_labelled_images(args)
