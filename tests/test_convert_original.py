@@ -236,3 +236,19 @@ def test_native_folder_is_not_treated_as_original(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = OptVQModel.from_pretrained(tmp_path)
     assert reloaded.config.architecture == "simple_cnn"
+
+
+def test_hub_id_resolves_through_the_hub_cache(tmp_path):
+    # The Hub code path, without network: a Hub cache holding the repository as `hf_hub_download` lays it out.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--BorelTHU--optvq-16x16x4"
+    state = write_original_folder(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model = OptVQModel.from_pretrained("BorelTHU/optvq-16x16x4", cache_dir=tmp_path / "cache", local_files_only=True)
+    pixels = _pixels(2)
+    with torch.no_grad():
+        tokens = model.encode(pixels).token_ids
+    features = reference_encode_features(state, pixels, 2)
+    _, expected = reference_quantize(features, reference_codebook(state), 2, "nearest")
+    assert torch.equal(tokens, expected)
