@@ -53,4 +53,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ += list(_DIFFUSERS_EXPORTS)
+if __import__("importlib.util").util.find_spec("diffusers") is not None:  # keep `import *` working without it
+    __all__ += list(_DIFFUSERS_EXPORTS)
