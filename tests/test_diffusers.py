@@ -392,3 +392,28 @@ def test_kandinsky22_decoder_uses_movq_without_quantizing():
     np.testing.assert_allclose(images, expected, atol=1e-6)
     quantized = (optvq.decode(optvq.quantize(latents).quantized) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert not np.allclose(images, quantized.numpy(), atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    vqvae = tiny_vqvae(quantizer_type="vq").train()
+    images = pixels(size=8, seed=7)
+
+    def gradients():
+        vqvae.zero_grad()
+        output = vqvae(images)
+        (output.sample.square().mean() + output.commit_loss).backward()
+        return {name: p.grad.clone() for name, p in vqvae.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    calls = []
+
+    def checkpoint(function, *args):
+        calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    vqvae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+    checkpointed = gradients()
+    assert len(calls) >= 6  # every ResNet / attention block of encoder and decoder
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -188,7 +188,7 @@ class OptVQVQModel(VQModel):
 
     _skip_layerwise_casting_patterns = ["quantizer"]
     _supports_group_offloading = False
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     _keep_in_fp32_modules = ["quantizer"]
     _no_split_modules = ["OptVQResnetBlock", "OptVQAttnBlock", "OptVQQuantizer"]
 
