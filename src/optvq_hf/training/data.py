@@ -260,12 +260,21 @@ class CachedImageDataset(torch.utils.data.Dataset):
         """An [`InMemoryImageDataset`] when every image has one shape and they fit in `max_bytes`, else `cls`."""
         if len(dataset) == 0:
             raise ValueError("The dataset has no readable image.")
-        shapes = set(zip(dataset["channels"], dataset["height"], dataset["width"]))
+        if dataset._indices is not None:
+            dataset = dataset.flatten_indices()
+        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+        shape_columns = [table.column(name).to_numpy() for name in ("channels", "height", "width")]
+        shapes = {(int(c), int(h), int(w)) for c, h, w in np.unique(np.stack(shape_columns, 1), axis=0)}
         if len(shapes) == 1:
             channels, height, width = shapes.pop()
             if len(dataset) * channels * height * width <= max_bytes:
-                buffer = b"".join(dataset["pixels"])
-                images = np.frombuffer(buffer, dtype=np.uint8).reshape(len(dataset), channels, height, width)
+                pieces = []
+                for chunk in table.column("pixels").chunks:  # raw value buffers of the binary column, no copies per row
+                    offset_type = np.int64 if str(chunk.type) == "large_binary" else np.int32
+                    offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+                    values = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
+                    pieces.append(values[offsets[0]:offsets[-1]])
+                images = np.concatenate(pieces).reshape(len(dataset), channels, height, width)
                 return InMemoryImageDataset(torch.from_numpy(images.copy()))
         return cls(dataset)
 

@@ -99,7 +99,10 @@ class LPIPS(nn.Module):
             path = hf_hub_download(name_or_path, filename, **hub_kwargs)
         model = cls()
         state_dict = load_file(path)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise ValueError(f"LPIPS weights in {path!r} do not match the VGG16 LPIPS layout: {error}") from error
         if missing or unexpected:
             raise ValueError(
                 f"LPIPS weights in {path!r} do not match the VGG16 LPIPS layout: missing keys {missing}, "
