@@ -596,7 +596,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
+    # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    cpu_distributed = not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_distributed,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
