@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 
@@ -777,7 +778,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             # ---- one optimizer step done
             scheduler.step()
             if disc_scheduler is not None:
-                disc_scheduler.step()
+                with warnings.catch_warnings():  # it follows the step count even before the discriminator starts
+                    warnings.simplefilter("ignore", UserWarning)
+                    disc_scheduler.step()
             if ema is not None:
                 ema.step(unwrapped)
             global_step += 1
@@ -874,6 +877,16 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         if args.push_to_hub:
             metrics["hub_repo_id"] = push_to_hub(args, output_dir)
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        summary = [f"\nOptVQ training done: {global_step} steps in {train_time:.0f} s "
+                   f"({metrics['seconds_per_step']:.3f} s/step).",
+                   f"  model (save_pretrained): {os.path.abspath(output_dir)}"]
+        if "psnr" in metrics:
+            summary.append(f"  eval: PSNR {metrics['psnr']:.2f} dB, code usage {100 * metrics['codebook_usage']:.1f}% "
+                           f"on {metrics['num_eval_images']} images")
+            summary.append(f"  reconstruction grid: {os.path.abspath(metrics['grid'])}")
+            summary.append(f"  code-usage histogram: {os.path.abspath(metrics['code_usage_histogram'])}")
+        summary.append(f"  metrics: {os.path.abspath(os.path.join(output_dir, 'metrics.json'))}")
+        print("\n".join(summary), flush=True)
     if report_to:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()

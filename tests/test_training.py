@@ -402,3 +402,40 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dat
     assert torch.equal(initial["encoder.in_fc.bias"], initial["encoder.in_fc.bias"])
     moved = [key for key in a if not torch.equal(initial[key], a[key])]
     assert len(moved) == len(a)
+
+
+def test_script_with_lpips_gan_ema_accumulation_and_streaming(tiny_data, tmp_path):
+    """The full recipe in one tiny run: LPIPS from a local file, PatchGAN from step 1, EMA, gradient accumulation,
+    a cosine schedule, streaming data (decoded on the fly) and user validation images."""
+    import run_train
+
+    torch.manual_seed(0)
+    lpips_path = tmp_path / "lpips_vgg.safetensors"
+    save_file({k: v.contiguous() for k, v in LPIPS().state_dict().items()}, str(lpips_path))
+    user_image = tmp_path / "mine.png"
+    smooth_image(np.random.default_rng(1), 30, 24, "RGB").save(user_image)
+    output = str(tmp_path / "full")
+    metrics = run_train.main(tiny_args(
+        tiny_data, output, "--max_train_steps", "3", "--perceptual_weight", "0.5", "--perceptual_model",
+        str(lpips_path), "--gan_weight", "0.5", "--disc_start", "1", "--disc_num_layers", "2",
+        "--disc_base_channels", "8", "--use_ema", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine",
+        "--streaming", "--shuffle_buffer_size", "16", "--validation_images", str(user_image), "--logging_steps", "1",
+        "--report_to", "tensorboard"))
+    assert metrics["global_step"] == 3 and metrics["total_batch_size"] == 16
+    assert metrics["skipped_train_images"] >= 0 and np.isfinite(metrics["psnr"])
+    assert os.path.isfile(os.path.join(output, "model.safetensors"))
+    events = [os.path.join(d, n) for d, _, files in os.walk(os.path.join(output, "logs")) for n in files
+              if n.startswith("events.out.tfevents")]
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(events[0]).Reload().Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/codebook_usage", "train/perplexity", "train/dead_codes",
+                "train/discriminator", "train/generator_weight", "final/psnr"):
+        assert tag in scalars, (tag, scalars)
+    from PIL import Image
+
+    # 8 evaluation images + the user's image, each 16 px wide plus padding, upscaled 8x.
+    assert Image.open(os.path.join(output, "grid.png")).size[0] == (9 * 16 + 10 * 2) * 8
+    card = open(os.path.join(output, "README.md")).read()
+    assert "LPIPS" in card and "PatchGAN" in card
