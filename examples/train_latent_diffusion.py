@@ -172,7 +172,10 @@ def build_unet(args, latent_channels: int, latent_size: int) -> UNet2DModel:
 
 def train_unet(args, accelerator: Accelerator, latents: torch.Tensor) -> tuple[UNet2DModel, DDPMScheduler]:
     unet = build_unet(args, latents.shape[1], latents.shape[-1])
-    noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule="squaredcos_cap_v2")
+    # clip_sample=False: the scaled latents are unit-variance, so clipping predicted latents to [-1, 1] (the image-space
+    # default) would destroy a third of them at sampling time.
+    noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                                    clip_sample=False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / max(1, args.unet_steps)))

@@ -45,6 +45,7 @@ def test_example_trains_saves_and_reloads(tmp_path):
     assert type(pipeline.vqvae) is OptVQVQModel
     assert pipeline.vqvae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
     assert pipeline.unet.config.in_channels == pipeline.vqvae.config.vq_embed_dim
+    assert pipeline.scheduler.config.clip_sample is False  # unit-variance latents must not be clipped to [-1, 1]
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 32, 32, 1)

@@ -272,8 +272,13 @@ class OptVQVQModel(VQModel):
     # ----------------------------------------------------------------------------------------------------------
     @property
     def quantize(self) -> OptVQDiffusersQuantizer:
-        """diffusers' `VectorQuantizer` interface (`quantize(latents)`, `quantize.get_codebook_entry(ids, shape)`)."""
-        return OptVQDiffusersQuantizer(self)
+        """diffusers' `VectorQuantizer` interface (`quantize(latents)`, `quantize.get_codebook_entry(ids, shape)`).
+
+        A plain object, not a submodule, so the weights appear once, under `quantizer.*`, as in [`OptVQModel`]."""
+        adapter = self.__dict__.get("_quantize_adapter")
+        if adapter is None:
+            adapter = self.__dict__["_quantize_adapter"] = OptVQDiffusersQuantizer(self)
+        return adapter
 
     # ----------------------------------------------------------------------------------------------------------
     # Checks and helpers
