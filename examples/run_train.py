@@ -836,6 +836,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         logger.info("Stopped after %d steps of this run (step %d of %d); resume with --resume_from_checkpoint latest.",
                     steps_this_run, global_step, max_train_steps)
         accelerator.end_training()
+        _release_accelerate_state(accelerator)
         return {"stopped_at_step": global_step}
 
     # ---- final evaluation, save, push
@@ -895,7 +896,17 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    _release_accelerate_state(accelerator)
     return metrics
+
+
+def _release_accelerate_state(accelerator):
+    """Let a later `main()` in the same (single) process choose other Accelerate settings (e.g. mixed precision)."""
+    if accelerator.num_processes == 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def _skip(loader, count):

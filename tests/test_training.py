@@ -439,3 +439,13 @@ def test_script_with_lpips_gan_ema_accumulation_and_streaming(tiny_data, tmp_pat
     assert Image.open(os.path.join(output, "grid.png")).size[0] == (9 * 16 + 10 * 2) * 8
     card = open(os.path.join(output, "README.md")).read()
     assert "LPIPS" in card and "PatchGAN" in card
+
+
+def test_main_can_be_called_again_with_other_accelerate_settings(tiny_data, tmp_path):
+    """benchmarks call main() several times in one process: the Accelerate state must not stick between runs."""
+    import run_train
+
+    run_train.main(tiny_args(tiny_data, str(tmp_path / "a"), "--max_train_steps", "1", "--skip_final_eval"))
+    metrics = run_train.main(tiny_args(tiny_data, str(tmp_path / "b"), "--max_train_steps", "1",
+                                       "--mixed_precision", "bf16"))
+    assert metrics["global_step"] == 1 and np.isfinite(metrics["psnr"])
