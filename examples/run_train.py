@@ -549,13 +549,21 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
 
 def initialize_codebook(args, model, loader, accelerator, resolution):
     """k-means or random encoder features of the first batches (gathered over processes), broadcast from rank 0."""
-    from optvq_hf.training import augment_batch, features_to_rows, kmeans, sample_codes, set_codebook
+    from optvq_hf.training import augment_batch, collate_images, features_to_rows, kmeans, sample_codes, set_codebook
 
+    # A separate, plain DataLoader over this process's data (the prepared one keeps its state for training).
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        first_pass = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_images)
+    else:
+        generator = torch.Generator().manual_seed(args.seed + 7919 * (accelerator.process_index + 1))
+        first_pass = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                 drop_last=True, generator=generator, collate_fn=collate_images)
     rows = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(first_pass):
             if index >= args.codebook_init_batches:
                 break
             pixel_values = augment_batch(batch["images"], resolution, args.random_crop, args.random_flip,
@@ -662,7 +670,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         disc_scheduler = build_scheduler(args.lr_scheduler, disc_optimizer, max_train_steps, warmup,
                                          args.lr_warmup_ratio)
 
-    ema = EMAModel(model, decay=args.ema_decay) if args.use_ema else None
     if discriminator is not None:
         model, optimizer, discriminator, disc_optimizer = accelerator.prepare(model, optimizer, discriminator,
                                                                               disc_optimizer)
@@ -672,8 +679,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     if disc_scheduler is not None:
         accelerator.register_for_checkpointing(disc_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     unwrapped = accelerator.unwrap_model(model)
     bare_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
 
@@ -690,15 +695,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             resume_path = args.resume_from_checkpoint
             if not os.path.isdir(resume_path):
                 raise ValueError(f"`--resume_from_checkpoint` {resume_path!r} is not a folder.")
+    if resume_path is None and args.codebook_init != "none":
+        initialize_codebook(args, unwrapped, loader, accelerator, resolution)
+    ema = EMAModel(unwrapped, decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     if resume_path is not None:
         accelerator.load_state(resume_path)
         global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[-1])
         logger.info("Resumed from %s at step %d.", resume_path, global_step)
-    elif args.codebook_init != "none":
-        initialize_codebook(args, unwrapped, loader, accelerator, resolution)
-        if ema is not None:
-            ema = EMAModel(unwrapped, decay=args.ema_decay)
-            accelerator._custom_objects[-1] = ema
 
     if accelerator.is_main_process and report_to:
         tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}

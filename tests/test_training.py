@@ -449,3 +449,29 @@ def test_main_can_be_called_again_with_other_accelerate_settings(tiny_data, tmp_
     metrics = run_train.main(tiny_args(tiny_data, str(tmp_path / "b"), "--max_train_steps", "1",
                                        "--mixed_precision", "bf16"))
     assert metrics["global_step"] == 1 and np.isfinite(metrics["psnr"])
+
+
+def test_random_codebook_init_uses_encoder_features_of_the_training_images(tiny_data, tmp_path):
+    import datasets
+    import run_train
+
+    output = str(tmp_path / "init")
+    # lr 1e-30 and no decay: the one optimizer step leaves the initialized weights bit-identical.
+    run_train.main(tiny_args(tiny_data, output, "--max_train_steps", "1", "--learning_rate", "1e-30",
+                             "--weight_decay", "0", "--no-random_crop", "--skip_final_eval",
+                             "--codebook_init", "random", "--codebook_init_batches", "4"))
+    model = OptVQModel.from_pretrained(output).eval()
+    processor = OptVQImageProcessor.from_pretrained(output)
+    train = datasets.load_dataset("parquet", data_files=os.path.join(tiny_data, "train-00000-of-00001.parquet"),
+                                  split="train").cast_column("image", datasets.Image(decode=False))
+    preprocess = ImagePreprocessor(processor, 16, center_crop=True)
+    arrays = [a for a in (preprocess(v) for v in train["image"]) if a is not None]
+    pixels = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
+    with torch.no_grad():
+        rows = model.encode_latents(pixels).permute(0, 2, 3, 1).reshape(-1, 2)
+    codebook = model.get_codebook()
+    nearest = torch.cdist(codebook, rows).min(dim=1).values
+    assert nearest.max() < 1e-3  # every code is one of the encoder's feature rows (up to the projection's inverse)
+    untouched = OptVQModel(model.config).get_codebook()  # a freshly initialized codebook is nowhere near them
+    assert torch.cdist(untouched, rows).min(dim=1).values.median() > 1e-2
+    assert len({tuple(c) for c in codebook.tolist()}) > 16  # and they are (mostly) distinct rows
