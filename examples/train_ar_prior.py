@@ -176,6 +176,68 @@ def sample_sequences(lm: LlamaForCausalLM, processor: OptVQProcessor, labels: li
     return generated[:, 1:].cpu()  # drop the label: what is left is the processor's layout
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Factorized multi-head prior: one LM position per grid position, its heads predicted in turn
+# ----------------------------------------------------------------------------------------------------------------
+def _head_masks(layout, vocab_size: int, device) -> torch.Tensor:
+    """`(num_heads, vocab_size)` additive masks: 0 inside head `k`'s id range, -inf elsewhere."""
+    masks = torch.full((layout.num_heads, vocab_size), float("-inf"), device=device)
+    for head in range(layout.num_heads):
+        low, high = layout.image_token_range(head)
+        masks[head, low:high] = 0.0
+    return masks
+
+
+def factorized_logits(lm: LlamaForCausalLM, labels: torch.LongTensor, rows: torch.LongTensor, boi_token_id: int,
+                      layout) -> torch.FloatTensor:
+    """Logits `(B, P, num_heads, V)` of a factorized prior for rows `(B, P, num_heads)` (per-head vocabulary).
+
+    The LM reads `[label, begin-of-image, cell_1, ..., cell_{P-1}]`, where a cell's input embedding is the sum of
+    its heads' token embeddings. The hidden state `h_t` that precedes cell `t` predicts its heads in turn: head `k`
+    from `h_t + sum_{j<k} embed(x_j)` through the (tied) LM head, restricted to head `k`'s id range.
+    """
+    embed = lm.get_input_embeddings()
+    prefix = embed(torch.stack([labels, torch.full_like(labels, boi_token_id)], dim=1))  # (B, 2, D)
+    cells = embed(rows)  # (B, P, H, D)
+    inputs = torch.cat([prefix, cells[:, :-1].sum(dim=2)], dim=1)  # (B, P + 1, D)
+    hidden = lm.model(inputs_embeds=inputs).last_hidden_state[:, 1:]  # (B, P, D): the state before each cell
+    earlier_heads = cells.cumsum(dim=2) - cells  # sum over heads j < k of the same cell (teacher forcing)
+    logits = lm.lm_head(hidden[:, :, None] + earlier_heads)  # (B, P, H, V)
+    return logits.float() + _head_masks(layout, logits.shape[-1], logits.device)
+
+
+@torch.no_grad()
+def sample_factorized(lm: LlamaForCausalLM, processor: OptVQProcessor, labels: list[int], grid_size, boi_token_id: int,
+                      temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> torch.LongTensor:
+    """Sample factorized rows `(K, h * w, num_heads)` with the LM's KV cache: one forward per grid position, its
+    heads drawn in turn (`generate` emits one token per step, so this loop replaces it for the factorized prior)."""
+    layout = processor.layout
+    torch.manual_seed(seed)
+    embed = lm.get_input_embeddings()
+    masks = _head_masks(layout, lm.config.vocab_size, lm.device)
+    label_ids = torch.tensor(labels, dtype=torch.long, device=lm.device)
+    inputs = embed(torch.stack([label_ids, torch.full_like(label_ids, boi_token_id)], dim=1))
+    output = lm.model(inputs_embeds=inputs, use_cache=True)
+    rows = []
+    for position in range(grid_size[0] * grid_size[1]):
+        hidden = output.last_hidden_state[:, -1]
+        cell = []
+        context = torch.zeros_like(hidden)
+        for head in range(layout.num_heads):
+            logits = lm.lm_head(hidden + context).float() / max(temperature, 1e-5) + masks[head]
+            if top_k is not None:
+                threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            token = torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+            cell.append(token)
+            context = context + embed(token)
+        rows.append(torch.stack(cell, dim=1))
+        if position + 1 < grid_size[0] * grid_size[1]:
+            cell_embedding = embed(rows[-1]).sum(dim=1, keepdim=True)
+            output = lm.model(inputs_embeds=cell_embedding, past_key_values=output.past_key_values, use_cache=True)
+    return torch.stack(rows, dim=1).cpu()
+
+
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     """Paste equally sized images into a grid with `columns` per row (2-pixel gaps)."""
     width, height = images[0].size
@@ -207,8 +269,12 @@ def parse_args(argv=None):
                      help="without --tokenizer: train a small tokenizer for this many steps first")
     tok.add_argument("--tokenizer_codebook_size", type=int, default=256)
     tok.add_argument("--tokenizer_num_heads", type=int, default=1)
-    tok.add_argument("--head_vocabulary", choices=["shared", "per_head"], default="shared",
-                     help="multi-head tokenizers: one id range shared by all heads, or one range per head")
+    tok.add_argument("--head_vocabulary", choices=["shared", "per_head"], default=None,
+                     help="multi-head tokenizers: one id range shared by all heads (default), or one range per head "
+                          "(default and required with --factorized)")
+    tok.add_argument("--factorized", action="store_true",
+                     help="one LM position per grid position, predicting its heads' tokens in turn (sequences "
+                          "num_heads times shorter); sampled with a KV-cache loop instead of `generate`")
     lm = parser.add_argument_group("language model")
     lm.add_argument("--hidden_size", type=int, default=128)
     lm.add_argument("--num_layers", type=int, default=4)
@@ -229,6 +295,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.tokenizer is None and args.train_tokenizer_steps <= 0:
         parser.error("pass --tokenizer PATH (a trained OptVQModel folder) or --train_tokenizer_steps N")
+    if args.factorized and args.head_vocabulary == "shared":
+        parser.error("--factorized needs --head_vocabulary per_head (a cell's input is the sum of its heads' "
+                     "embeddings, so each head needs its own ids)")
+    if args.head_vocabulary is None:
+        args.head_vocabulary = "per_head" if args.factorized else "shared"
     if args.max_train_steps < 1 or args.num_samples < 1:
         parser.error("--max_train_steps and --num_samples must be >= 1")
     return args
@@ -249,7 +320,11 @@ def main(argv=None):
         tokenizer = train_quick_tokenizer(images, args)
     # Vocabulary: labels 0..C-1, begin-of-image C, image tokens from C + 1.
     boi_token_id = num_classes
-    processor_kwargs = dict(offset=num_classes + 1, boi_token_id=boi_token_id, head_vocabulary=args.head_vocabulary)
+    processor_kwargs = dict(offset=num_classes + 1, head_vocabulary=args.head_vocabulary)
+    if args.factorized:  # rows (B, h * w, num_heads); the prior adds label and begin-of-image embeddings itself
+        processor_kwargs["factorized"] = True
+    else:
+        processor_kwargs["boi_token_id"] = boi_token_id
     size = args.resolution or tokenizer.config.resolution
     image_processor = OptVQImageProcessor.from_model_config(
         tokenizer.config, size={"shortest_edge": size}, crop_size={"height": size, "width": size}
@@ -257,9 +332,15 @@ def main(argv=None):
     processor = OptVQProcessor.from_model(tokenizer, image_processor=image_processor, **processor_kwargs)
 
     encoded = processor(images=images, return_tensors="pt")
-    sequences = torch.cat([torch.tensor(labels, dtype=torch.long)[:, None], encoded["input_ids"]], dim=1)
+    label_ids = torch.tensor(labels, dtype=torch.long)
+    if args.factorized:
+        sequences = encoded["input_ids"]  # (N, h * w, num_heads)
+        sequence_length = 1 + sequences.shape[1]  # label, begin-of-image, cells 1..P-1
+    else:
+        sequences = torch.cat([label_ids[:, None], encoded["input_ids"]], dim=1)
+        sequence_length = sequences.shape[1]
     grid_size = tuple(encoded["image_grid_size"][0].tolist())
-    print(f"tokenized to sequences of length {sequences.shape[1]} (grid {grid_size}, {tokenizer.config.num_heads} "
+    print(f"tokenized to LM sequences of length {sequence_length} (grid {grid_size}, {tokenizer.config.num_heads} "
           f"head(s)), vocabulary {processor.vocab_size}; {time.perf_counter() - started:.1f}s")
 
     config = LlamaConfig(
@@ -269,7 +350,7 @@ def main(argv=None):
         num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=args.num_attention_heads,
-        max_position_embeddings=sequences.shape[1],
+        max_position_embeddings=sequence_length,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
@@ -280,6 +361,7 @@ def main(argv=None):
     config.optvq_boi_token_id = boi_token_id
     config.optvq_offset = num_classes + 1
     config.optvq_head_vocabulary = args.head_vocabulary
+    config.optvq_factorized = args.factorized
     config.optvq_grid_size = list(grid_size)
     config.optvq_tokenizer = "image_tokenizer"
     lm = LlamaForCausalLM(config)
@@ -295,11 +377,17 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     log = []
     lm.train()
+    train_started = time.perf_counter()
     for step in range(args.max_train_steps):
-        batch = sequences[torch.randint(0, len(sequences), (args.train_batch_size,), generator=generator)]
-        targets = batch.clone()
-        targets[:, :2] = -100  # the label and begin-of-image are given, never predicted
-        loss = lm(input_ids=batch, labels=targets).loss
+        indices = torch.randint(0, len(sequences), (args.train_batch_size,), generator=generator)
+        batch = sequences[indices]
+        if args.factorized:
+            logits = factorized_logits(lm, label_ids[indices], batch, boi_token_id, processor.layout)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), batch.flatten())
+        else:
+            targets = batch.clone()
+            targets[:, :2] = -100  # the label and begin-of-image are given, never predicted
+            loss = lm(input_ids=batch, labels=targets).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -309,11 +397,14 @@ def main(argv=None):
         if step % args.logging_steps == 0 or step == args.max_train_steps - 1:
             print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
     lm.eval()
+    train_seconds = time.perf_counter() - train_started
 
+    sample_started = time.perf_counter()
     sample_labels = [index % num_classes for index in range(args.num_samples)]
-    samples = sample_sequences(lm, processor, sample_labels, grid_size, boi_token_id, args.temperature, args.top_k,
-                               args.seed)
+    sampler = sample_factorized if args.factorized else sample_sequences
+    samples = sampler(lm, processor, sample_labels, grid_size, boi_token_id, args.temperature, args.top_k, args.seed)
     decoded = processor.batch_decode(samples, grid_size)
+    sample_seconds = time.perf_counter() - sample_started
     columns = math.ceil(args.num_samples / num_classes) if args.num_samples >= num_classes else args.num_samples
     # One row per label: reorder so that row r holds the samples of label r.
     order = sorted(range(len(sample_labels)), key=lambda index: (sample_labels[index], index))
@@ -327,8 +418,9 @@ def main(argv=None):
         json.dump({"labels": sample_labels, "order": order, "columns": columns, "grid_size": list(grid_size),
                    "sequences": samples.tolist()}, handle)
     with open(os.path.join(args.output_dir, "train_log.json"), "w") as handle:
-        json.dump({"args": vars(args), "num_train_sequences": len(sequences), "sequence_length": sequences.shape[1],
+        json.dump({"args": vars(args), "num_train_sequences": len(sequences), "sequence_length": sequence_length,
                    "lm_parameters": lm.num_parameters(), "log": log,
+                   "train_seconds": train_seconds, "sample_seconds": sample_seconds,
                    "seconds": time.perf_counter() - started}, handle, indent=1)
     print(f"saved the LM to {args.output_dir}, samples to {os.path.join(args.output_dir, 'samples.png')} "
           f"({time.perf_counter() - started:.1f}s)")
