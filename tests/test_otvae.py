@@ -1,0 +1,152 @@
+"""OT-VAE quantizer: equipartition targets, Gumbel decoding, nearest inference, config/preset plumbing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from optvq_hf import OptVQConfig, OptVQModel, OptVQQuantizer
+from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+
+
+def _plain_sinkhorn_targets(features, codebook, epsilon, num_iters):
+    """Textbook Sinkhorn-Knopp in probability space (no logs), 'none' normalization: the reference."""
+    cost = torch.cdist(features.double(), codebook.double())
+    plan = torch.exp(-epsilon * cost)
+    plan = plan / plan.sum()
+    n, k = plan.shape
+    for _ in range(num_iters):
+        plan = plan / plan.sum(0, keepdim=True) / k
+        plan = plan / plan.sum(1, keepdim=True) / n
+    return plan / plan.sum(1, keepdim=True)
+
+
+def test_targets_match_plain_sinkhorn_and_are_equipartitioned():
+    torch.manual_seed(0)
+    features, codebook = torch.randn(64, 3), torch.randn(16, 3)
+    targets = equipartition_targets(features, codebook, epsilon=2.0, num_iters=50, normalization="none")
+    expected = _plain_sinkhorn_targets(features, codebook, 2.0, 50)
+    torch.testing.assert_close(targets.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(64))
+    # Every code receives the same mass: N / K = 4 rows' worth.
+    torch.testing.assert_close(targets.sum(0), torch.full((16,), 4.0), atol=1e-3, rtol=0)
+
+
+def test_targets_spread_over_codes_where_nearest_collapses():
+    torch.manual_seed(1)
+    features = torch.randn(256, 2) * 0.1 + 5.0        # all features far from ...
+    codebook = torch.randn(32, 2)                     # ... a codebook around the origin
+    nearest = torch.cdist(features, codebook).argmin(1)
+    targets = equipartition_targets(features, codebook, epsilon=10.0, num_iters=20, normalization="all")
+    assert nearest.unique().numel() <= 4
+    assert torch.isfinite(targets).all()
+    # The targets still give every code the same mass, so training pulls every code towards the data.
+    torch.testing.assert_close(targets.sum(0), torch.full((32,), 8.0), atol=1e-2, rtol=0)
+    assert targets.argmax(1).unique().numel() >= 3 * nearest.unique().numel()
+
+
+def _quantizer(**kwargs):
+    torch.manual_seed(0)
+    return OTVAEQuantizer(dim=8, codebook_size=32, num_heads=2, **kwargs)
+
+
+def test_inference_is_nearest_code_and_shares_the_family_interface():
+    quantizer = _quantizer().eval()
+    assert isinstance(quantizer, OptVQQuantizer)
+    features = torch.randn(2, 8, 3, 5)
+    out = quantizer(features)
+    assert out.token_ids.shape == (2, 2, 3, 5) and out.quantized.shape == features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 4)
+    nearest = torch.cdist(flat, quantizer.codebook.detach()).argmin(1)
+    assert torch.equal(out.token_ids.permute(0, 2, 3, 1).reshape(-1), nearest)
+    torch.testing.assert_close(out.quantized, quantizer.embed_tokens(out.token_ids))
+    assert out.code_counts.sum() == 2 * 3 * 5 * 2
+    sequence = quantizer(torch.randn(2, 7, 8))
+    assert sequence.token_ids.shape == (2, 7, 2)
+
+
+def test_loss_is_cross_entropy_to_the_targets_and_trains_codes_without_stop_gradient():
+    quantizer = _quantizer(epsilon=5.0, num_iters=3).train()
+    features = torch.randn(4, 8, 2, 2, requires_grad=True)
+    out = quantizer(features)
+    flat = features.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    codebook = quantizer.codebook.detach()
+    targets = equipartition_targets(flat, codebook, 5.0, 3, "all")
+    log_p = torch.log_softmax(-torch.cdist(flat, codebook) ** 2, dim=1)
+    torch.testing.assert_close(out.loss, -(targets * log_p).sum(1).mean(), rtol=1e-4, atol=1e-5)
+    # The loss alone moves both the encoder features and the codes.
+    grads = torch.autograd.grad(out.loss, [features, quantizer.embedding.weight], retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in grads)
+    # The decoder input is a soft Gumbel mixture of codes, differentiable w.r.t. the features (through the
+    # logits) and the codes: no straight-through estimator.
+    grads = torch.autograd.grad(out.quantized.sum(), [features, quantizer.embedding.weight])
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert not torch.allclose(out.quantized, quantizer.embed_tokens(out.token_ids))
+
+
+def test_hard_gumbel_decodes_exact_codes():
+    quantizer = _quantizer(gumbel_hard=True).train()
+    out = quantizer(torch.randn(3, 8, 2, 2))
+    torch.testing.assert_close(out.quantized, quantizer.embed_tokens(out.token_ids))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="gumbel_temperature"):
+        OTVAEQuantizer(dim=4, codebook_size=8, gumbel_temperature=0.0)
+    with pytest.raises(ValueError, match="gumbel_temperature"):
+        OptVQConfig.from_preset("otvae-mnist", gumbel_temperature=-1.0)
+    with pytest.raises(ValueError, match="otvae"):
+        OptVQConfig(quantizer_type="ot-vae")
+
+
+def test_preset_model_roundtrip(tmp_path):
+    config = OptVQConfig.from_preset("otvae-mnist", gumbel_temperature=0.5, codebook_size=64)
+    model = OptVQModel(config).eval()
+    assert isinstance(model.quantizer, OTVAEQuantizer) and model.quantizer.gumbel_temperature == 0.5
+    pixels = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = model(pixels)
+        torch.testing.assert_close(model.decode_tokens(out.token_ids), out.reconstruction)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["quantizer_type"] == "otvae"
+    reloaded = OptVQModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).reconstruction, out.reconstruction)
+    assert OptVQConfig.from_preset("otvae-cifar10").in_channels == 3
+
+
+_DIST = textwrap.dedent("""
+    import sys, torch
+    import torch.distributed as dist
+    from optvq_hf.otvae import equipartition_targets
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    features, codebook = torch.randn(40, 3), torch.randn(8, 3)
+    mine = equipartition_targets(features[rank * 20:(rank + 1) * 20], codebook, 3.0, 7, "dim")
+    whole = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(whole, mine)
+    if rank == 0:
+        dist.destroy_process_group()
+        single = equipartition_targets(features, codebook, 3.0, 7, "dim")
+        err = (torch.cat(whole) - single).abs().max().item()
+        print("MAXERR", err)
+    else:
+        dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_targets_cover_the_global_batch_across_two_processes(tmp_path):
+    script = tmp_path / "dist_otvae.py"
+    script.write_text(_DIST)
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617", str(script)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    error = float(next(l for l in completed.stdout.splitlines() if l.startswith("MAXERR")).split()[1])
+    assert error < 1e-5
