@@ -136,3 +136,18 @@ def test_errors(tiny_model, images):
     with pytest.raises(ValueError, match=r"must lie in \[10, 74\)"):
         processor.batch_decode(sequence - 10, (4, 4))
     assert isinstance(processor.layout, ImageSequenceLayout)
+
+
+def test_docs_page_snippets_run():
+    """The ```python blocks of docs/lm_tokenizer.md run as written, in order, in one namespace."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "lm_tokenizer.md"), encoding="utf-8").read()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) >= 5
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/lm_tokenizer.md", "exec"), namespace)
+    assert namespace["layout"].vocab_size == 33024
+    assert namespace["tokenized"].column_names == ["label", "input_ids", "attention_mask", "image_grid_size"]
