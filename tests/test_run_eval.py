@@ -1,0 +1,108 @@
+"""examples/run_eval.py end to end on a tiny model and a tiny parquet dataset (no network)."""
+
+import importlib.util
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_eval", os.path.join(ROOT, "examples", "run_eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import datasets
+
+    root = tmp_path_factory.mktemp("run_eval")
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(10):
+        array = (rng.random((28, 28)) * 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array, mode="L").save(buffer, format="PNG")
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "label": index % 10})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    data_dir = root / "digits"
+    data_dir.mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(data_dir / "test-00000-of-00001.parquet"))
+    torch.manual_seed(0)
+    config = OptVQConfig.from_preset("optvq-mnist", codebook_size=64, base_channels=8, latent_channels=8)
+    model = OptVQModel(config).eval()
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    OptVQImageProcessor.from_model_config(config).save_pretrained(model_dir)
+    return _load_script(), str(model_dir), str(data_dir), model
+
+
+def test_results_pictures_and_model_card(setup, tmp_path):
+    run_eval, model_dir, data_dir, model = setup
+    card_before = ModelCard.load(os.path.join(model_dir, "README.md"))
+    results = run_eval.main(["--model", model_dir, "--dataset_name", data_dir, "--split", "test",
+                             "--output_dir", str(tmp_path / "out"), "--batch_size", "4", "--max_eval_samples", "9",
+                             "--compare_assignments"])
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in ("psnr", "ssim", "codebook_usage", "perplexity", "num_samples", "dead_codes"):
+        assert key in on_disk
+    assert on_disk["num_samples"] == 9 and 0 < on_disk["codebook_usage"] <= 1
+    assert 0 <= on_disk["token_agreement"] <= 1 and on_disk["psnr_nearest"] == pytest.approx(on_disk["psnr"])
+
+    # Independent PSNR: preprocess, reconstruct, compare with scikit-image.
+    import datasets
+
+    images = datasets.load_dataset("parquet", data_files=os.path.join(data_dir, "*.parquet"), split="train")["image"][:9]
+    pixels = OptVQImageProcessor.from_pretrained(model_dir)(images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = model(pixels)
+    recon = ((out.reconstruction.clamp(-1, 1) + 1) / 2).double().numpy()
+    ref = ((pixels + 1) / 2).double().numpy()
+    expected = np.mean([peak_signal_noise_ratio(r, p, data_range=1.0) for r, p in zip(ref, recon)])
+    assert on_disk["psnr"] == pytest.approx(expected, abs=1e-4)
+    counts = np.load(tmp_path / "out" / "code_counts.npy")
+    assert counts.sum() == on_disk["num_tokens"] == 9 * out.token_ids[0].numel()
+    assert on_disk["codebook_usage"] == pytest.approx((counts > 0).mean())
+
+    histogram = Image.open(tmp_path / "out" / "code_usage.png")
+    side = Image.open(tmp_path / "out" / "reconstructions.png")
+    assert histogram.size[0] > 100 and 2 * side.size[0] == 9 * side.size[1]
+
+    card = ModelCard.load(os.path.join(model_dir, "README.md"))
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["psnr"] == pytest.approx(on_disk["psnr"]) and metrics["codebook_usage"] == on_disk["codebook_usage"]
+    assert all(r.dataset_split == "test" and r.dataset_name == "digits" for r in card.data.eval_results)
+    assert "## Evaluation" in card.text and "## Usage" in card.text
+    assert card.data.license == card_before.data.license
+    # A second evaluation replaces the entries instead of appending duplicates.
+    run_eval.main(["--model", model_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path / "out2"),
+                   "--max_eval_samples", "5", "--metrics", "psnr"])
+    card = ModelCard.load(os.path.join(model_dir, "README.md"))
+    assert sum(r.metric_type == "psnr" for r in card.data.eval_results) == 1
+    assert card.text.count("## Evaluation") == 1
+
+
+def test_argument_errors(setup, tmp_path):
+    run_eval, model_dir, data_dir, _ = setup
+    with pytest.raises(SystemExit):
+        run_eval.parse_args(["--model", model_dir, "--dataset_name", data_dir, "--output_dir", "x",
+                             "--metrics", "psnr,lpips"])
+    with pytest.raises(SystemExit):
+        run_eval.parse_args(["--model", model_dir, "--dataset_name", data_dir, "--output_dir", "x",
+                             "--metrics", "psnr,bleu"])
+    with pytest.raises(ValueError, match="split"):
+        run_eval.main(["--model", model_dir, "--dataset_name", data_dir, "--split", "validation",
+                       "--output_dir", str(tmp_path / "o")])
