@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .sinkhorn import VALID_NORMALIZATIONS, pairwise_euclidean, sinkhorn_assign
+from .sinkhorn import DEFAULT_DENSE_LIMIT, VALID_NORMALIZATIONS, euclidean_argmin, sinkhorn_assign
 
 __all__ = ["QuantizerOutput", "OptVQQuantizer", "VectorQuantizer", "nearest_assign", "build_quantizer"]
 
@@ -52,10 +52,11 @@ class QuantizerOutput(ModelOutput):
 
 @torch.no_grad()
 def nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
-    """Index of the Euclidean-nearest code of every row of `features` `(N, d)` in `codebook` `(K, d)`."""
-    if features.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=features.device)
-    return pairwise_euclidean(features.detach().float(), codebook.detach().float()).argmin(dim=1)
+    """Index of the Euclidean-nearest code of every row of `features` `(N, d)` in `codebook` `(K, d)`.
+
+    Computed block by block (never materializes the `N x K` distances); see `optvq_hf.sinkhorn.euclidean_argmin`.
+    """
+    return euclidean_argmin(features, codebook)
 
 
 def _is_compiling() -> bool:
@@ -84,6 +85,14 @@ class OptVQQuantizer(nn.Module):
             paper's Eq. 4 swaps the two weights).
         inference_assignment (`str`, defaults to `"nearest"`): assignment in eval mode, `"nearest"` or `"sinkhorn"`.
         training_assignment (`str`, defaults to `"sinkhorn"`): assignment in train mode.
+        sinkhorn_streaming (`bool` or `"auto"`, defaults to `"auto"`): `streaming` of
+            [`~optvq_hf.sinkhorn.sinkhorn_assign`]: `False` caches one `(N, K)` distance matrix, `True` recomputes
+            distances block by block (memory `O((N + K) d + block)`), `"auto"` streams above `sinkhorn_dense_limit`.
+        sinkhorn_dense_limit (`int`, defaults to `2**27`): largest `N * K` that `"auto"` caches.
+        sync_across_ranks (`bool`, defaults to `True`): in training, when `torch.distributed` is initialized with
+            more than one rank, the Sinkhorn plan covers the global batch (statistics and marginals all-reduced over
+            `process_group`, the default group unless set), as one process would on the concatenated batch. Every
+            rank must then run the quantizer's training forward together.
     """
 
     def __init__(
@@ -99,6 +108,9 @@ class OptVQQuantizer(nn.Module):
         beta: float = 0.25,
         inference_assignment: str = "nearest",
         training_assignment: str = "sinkhorn",
+        sinkhorn_streaming: bool | str = "auto",
+        sinkhorn_dense_limit: int = DEFAULT_DENSE_LIMIT,
+        sync_across_ranks: bool = True,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -121,6 +133,12 @@ class OptVQQuantizer(nn.Module):
         self.beta = float(beta)
         self.inference_assignment = inference_assignment
         self.training_assignment = training_assignment
+        if sinkhorn_streaming not in ("auto", True, False):
+            raise ValueError(f"`sinkhorn_streaming` must be 'auto', True or False, got {sinkhorn_streaming!r}.")
+        self.sinkhorn_streaming = sinkhorn_streaming
+        self.sinkhorn_dense_limit = int(sinkhorn_dense_limit)
+        self.sync_across_ranks = bool(sync_across_ranks)
+        self.process_group = None  # None: the default group when syncing
 
         self.embedding = nn.Embedding(codebook_size, self.code_dim)
         self.projection = nn.Linear(self.code_dim, self.code_dim) if use_projection else None
@@ -156,7 +174,21 @@ class OptVQQuantizer(nn.Module):
     def assign(self, features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
         """Token of every row of `features` `(N, dim // num_heads)` under the current assignment."""
         if self.assignment == "sinkhorn":
-            return sinkhorn_assign(features, codebook, self.epsilon, self.num_iters, self.normalization)
+            group = None
+            if self.training and self.sync_across_ranks and torch.distributed.is_available() and (
+                torch.distributed.is_initialized()
+            ):
+                group = self.process_group if self.process_group is not None else "world"
+            return sinkhorn_assign(
+                features,
+                codebook,
+                self.epsilon,
+                self.num_iters,
+                self.normalization,
+                process_group=group,
+                streaming=self.sinkhorn_streaming,
+                dense_limit=self.sinkhorn_dense_limit,
+            )
         return nearest_assign(features, codebook)
 
     def _check_input(self, features: torch.Tensor):
