@@ -256,3 +256,23 @@ def test_two_process_reduction_is_exact(tmp_path):
     payload = json.loads(line[len("RESULT"):])
     assert payload["distributed"] == payload["single"]
     assert payload["single"]["psnr"]["num_samples"] == 7
+
+
+def test_inception_layout_and_loading_from_a_folder(tmp_path):
+    from optvq_hf.metrics.inception import InceptionV3
+
+    torch.manual_seed(0)
+    network = InceptionV3().eval()
+    # torchvision's inception_v3 has 27,161,264 parameters; without its classifier (2,049,000) and auxiliary head
+    # (3,326,696) that leaves 21,785,568: the same layout, so its (and pytorch-fid's) state dicts load.
+    assert sum(p.numel() for p in network.parameters()) == 27_161_264 - 2_049_000 - 3_326_696
+    state = network.state_dict()
+    assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in state and "Conv2d_1a_3x3.conv.weight" in state
+    extra = {**state, "fc.weight": torch.zeros(1000, 2048), "AuxLogits.fc.bias": torch.zeros(1000)}
+    InceptionV3.from_state_dict(extra).save_pretrained(tmp_path / "fid-inception")
+    extractor = metrics.load_feature_extractor(str(tmp_path / "fid-inception"))
+    assert extractor.image_size == 299
+    reloaded = extractor.network.state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert network(torch.zeros(1, 3, 75, 75)).shape == (1, 2048)  # 75x75: the smallest valid input
