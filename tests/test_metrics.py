@@ -276,3 +276,17 @@ def test_inception_layout_and_loading_from_a_folder(tmp_path):
     assert all(torch.equal(reloaded[k], v) for k, v in state.items())
     with torch.no_grad():
         assert network(torch.zeros(1, 3, 75, 75)).shape == (1, 2048)  # 75x75: the smallest valid input
+
+
+def test_evaluation_docs_snippets_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for block in blocks:
+        exec(compile(block, "<docs/evaluation.md>", "exec"), namespace)
+    assert namespace["result"]["psnr"] == pytest.approx(10 * math.log10(1 / 0.05**2))
