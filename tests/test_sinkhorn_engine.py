@@ -1,0 +1,232 @@
+"""The Sinkhorn engine's own guarantees: streaming == cached == a float64 transcription of the published algorithm,
+no plan-sized allocation when streaming, and finite, valid output for degenerate inputs (hypothesis)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from optvq_hf import OptVQQuantizer
+from optvq_hf.sinkhorn import euclidean_argmin, sinkhorn_assign
+
+
+def _published(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
+    """The published algorithm in float64, exponential domain, with its +1e-8 guards (written for this file)."""
+    z, c = features.double(), codebook.double()
+    dist = ((z[:, None, :] - c[None, :, :]) ** 2).sum(-1).sqrt()
+    if normalization == "all":
+        cost = (dist - dist.mean()) / (dist.std() + 1e-6)
+        cost = cost - cost.min()
+    elif normalization == "dim":
+        cost = dist / math.sqrt(c.shape[1])
+    else:
+        cost = dist
+    plan = torch.exp(-epsilon * cost)
+    plan = plan / (plan.sum() + 1e-8)
+    rows, codes = plan.shape
+    for _ in range(num_iters):
+        plan = plan / (plan.sum(0, keepdim=True) + 1e-8) / codes
+        plan = plan / (plan.sum(1, keepdim=True) + 1e-8) / rows
+    return plan.argmax(1)
+
+
+def _data(rows, codes, dim, seed, scale=1.0, offset=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(rows, dim, generator=generator) * scale + offset,
+        torch.randn(codes, dim, generator=generator) * scale + offset,
+    )
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("rows,codes,dim", [(300, 40, 2), (157, 96, 16), (30, 200, 5)])
+def test_streaming_and_cached_paths_match_the_published_algorithm(rows, codes, dim, normalization):
+    features, codebook = _data(rows, codes, dim, seed=rows + codes)
+    reference = _published(features, codebook, normalization=normalization)
+    cached = sinkhorn_assign(features, codebook, normalization=normalization, streaming=False)
+    # odd block sizes: chunk boundaries fall everywhere
+    for block_size in (1 if rows < 50 else 7, 64):
+        streamed = sinkhorn_assign(
+            features, codebook, normalization=normalization, streaming=True, block_size=block_size
+        )
+        assert torch.equal(streamed, cached)
+    assert int((cached != reference).sum()) <= 1
+
+
+def test_auto_streams_above_the_limit_with_the_same_result():
+    features, codebook = _data(200, 50, 8, seed=3)
+    small_limit = sinkhorn_assign(features, codebook, dense_limit=100)  # streams
+    large_limit = sinkhorn_assign(features, codebook, dense_limit=10**9)  # caches
+    assert torch.equal(small_limit, large_limit)
+    assert torch.equal(large_limit, _published(features, codebook))
+
+
+def test_guards_matter_and_are_reproduced():
+    # Codes far from every feature have column totals far below 1e-8: the guard caps how much Sinkhorn can boost
+    # them. Dropping the guards would move these assignments; we must match the guarded algorithm exactly.
+    features, codebook = _data(400, 64, 4, seed=11)
+    codebook[32:] = codebook[32:] * 6.0
+    reference = _published(features, codebook)
+    unguarded = _unguarded(features, codebook)
+    assert not torch.equal(reference, unguarded)
+    assert torch.equal(sinkhorn_assign(features, codebook), reference)
+    assert torch.equal(sinkhorn_assign(features, codebook, streaming=True, block_size=33), reference)
+
+
+def _unguarded(features, codebook, epsilon=10.0, num_iters=5):
+    z, c = features.double(), codebook.double()
+    dist = torch.cdist(z, c)
+    cost = (dist - dist.mean()) / (dist.std() + 1e-6)
+    log_plan = -epsilon * (cost - cost.min())
+    for _ in range(num_iters):
+        log_plan = log_plan - torch.logsumexp(log_plan, 0, keepdim=True)
+        log_plan = log_plan - torch.logsumexp(log_plan, 1, keepdim=True)
+    return log_plan.argmax(1)
+
+
+def test_underflow_regime_is_the_exact_log_domain_argmax():
+    # "none" with every distance near 200: exp(-10 * D) is 0 in float64 for every entry, the published algorithm
+    # divides 0 by 1e-8 and returns code 0 everywhere. Ours is the argmax of the untruncated plan, checked against a
+    # float64 log-domain transcription (logsumexp instead of sums, same guards).
+    features, codebook = _data(120, 20, 4, seed=5, scale=3.0)
+    features = features + 100.0
+    assert float(torch.exp(-10.0 * torch.cdist(features.double(), codebook.double())).max()) == 0.0
+    assert int(_published(features, codebook, normalization="none").max()) == 0
+    z, c = features.double(), codebook.double()
+    log_plan = -10.0 * torch.cdist(z, c)
+    guard = torch.tensor(math.log(1e-8), dtype=torch.float64)
+    log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan.flatten(), 0), guard)
+    for _ in range(5):
+        log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan, 0, keepdim=True), guard) - math.log(20)
+        log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan, 1, keepdim=True), guard) - math.log(120)
+    ours = sinkhorn_assign(features, codebook, normalization="none")
+    assert torch.equal(ours, log_plan.argmax(1))
+    assert ours.unique().numel() > 1  # not the published all-zero collapse
+
+
+def test_streaming_never_allocates_a_plan_sized_buffer():
+    rows, codes = 2048, 1024
+    features, codebook = _data(rows, codes, 8, seed=0)
+    plan_bytes = rows * codes * 4
+
+    def largest_allocation(**kwargs):
+        with torch.profiler.profile(profile_memory=True) as prof:
+            sinkhorn_assign(features, codebook, **kwargs)
+        return max(event.cpu_memory_usage for event in prof.events())
+
+    assert largest_allocation(streaming=False) >= plan_bytes  # the profiler does see the cache
+    assert largest_allocation(streaming=True, block_size=128) <= plan_bytes // 8
+
+
+def test_nearest_is_chunked_and_exact():
+    features, codebook = _data(1000, 300, 16, seed=2)
+    expected = torch.cdist(features.double(), codebook.double()).argmin(1)
+    for block_size in (None, 1, 77):
+        assert torch.equal(euclidean_argmin(features, codebook, block_size=block_size), expected)
+    small_d = _data(1000, 300, 2, seed=4)
+    assert torch.equal(euclidean_argmin(*small_d), torch.cdist(*(t.double() for t in small_d)).argmin(1))
+
+
+def test_plan_carries_no_gradient_and_backward_only_touches_chosen_codes():
+    quantizer = OptVQQuantizer(dim=8, codebook_size=64, num_heads=2, use_projection=False).train()
+    features = torch.randn(4, 8, 6, 6, requires_grad=True)
+    output = quantizer(features)
+    output.loss.backward()
+    used = torch.zeros(64, dtype=torch.bool)
+    used[output.token_ids.flatten()] = True
+    grad_rows = quantizer.embedding.weight.grad.abs().sum(1) > 0
+    assert torch.equal(grad_rows, used)
+    assert features.grad is not None and torch.isfinite(features.grad).all()
+
+
+def test_quantizer_streaming_option_gives_the_same_tokens():
+    torch.manual_seed(0)
+    features = torch.randn(2, 16, 8, 8)
+    cached = OptVQQuantizer(dim=16, codebook_size=128, num_heads=4, sinkhorn_streaming=False).train()
+    streamed = OptVQQuantizer(dim=16, codebook_size=128, num_heads=4, sinkhorn_streaming=True).train()
+    streamed.load_state_dict(cached.state_dict())
+    assert torch.equal(cached(features).token_ids, streamed(features).token_ids)
+    with pytest.raises(ValueError, match="sinkhorn_streaming"):
+        OptVQQuantizer(dim=16, codebook_size=8, sinkhorn_streaming="yes")
+
+
+def test_bad_engine_arguments():
+    features, codebook = _data(4, 3, 2, seed=0)
+    with pytest.raises(ValueError, match="streaming"):
+        sinkhorn_assign(features, codebook, streaming="always")
+    with pytest.raises(ValueError, match="block_size"):
+        sinkhorn_assign(features, codebook, block_size=0)
+    with pytest.raises(ValueError, match="floating point"):
+        sinkhorn_assign(features.long(), codebook)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Property-based robustness
+# ------------------------------------------------------------------------------------------------------------------
+_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _check(ids, rows, codes):
+    assert ids.dtype == torch.long and ids.shape == (rows,)
+    if rows:
+        assert int(ids.min()) >= 0 and int(ids.max()) < codes
+
+
+@_SETTINGS
+@given(
+    rows=st.integers(0, 40),
+    codes=st.integers(1, 40),
+    dim=st.integers(1, 6),
+    log_scale=st.floats(-30, 30),
+    offset=st.sampled_from([0.0, 1.0, -1e4, 1e6]),
+    constant=st.booleans(),
+    normalization=st.sampled_from(["all", "dim", "none"]),
+    num_iters=st.integers(0, 6),
+    streaming=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_finite_input_gives_valid_codes(
+    rows, codes, dim, log_scale, offset, constant, normalization, num_iters, streaming, seed
+):
+    features, codebook = _data(rows, codes, dim, seed, scale=10.0**log_scale, offset=offset)
+    if constant:  # std 0: every distance identical
+        features = torch.full_like(features, offset)
+        codebook = torch.full_like(codebook, offset)
+    ids = sinkhorn_assign(
+        features, codebook, normalization=normalization, num_iters=num_iters, streaming=streaming, block_size=5
+    )
+    _check(ids, rows, codes)
+    _check(euclidean_argmin(features, codebook), rows, codes)
+
+
+@_SETTINGS
+@given(
+    rows=st.sampled_from([1, 3, 200]),
+    codes=st.sampled_from([1, 2, 64]),
+    log_scale=st.floats(-3, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_half_precision_inputs_under_autocast(rows, codes, log_scale, dtype, seed):
+    features, codebook = _data(rows, codes, 4, seed, scale=10.0**log_scale)
+    features, codebook = features.to(dtype), codebook.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = sinkhorn_assign(features, codebook)
+    _check(ids, rows, codes)
+    # autocast does not leak into the engine: same as float32 on the same (rounded) values
+    assert torch.equal(ids, sinkhorn_assign(features.float(), codebook.float()))
+
+
+@_SETTINGS
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_quantizer_under_autocast_is_finite(dtype, seed):
+    torch.manual_seed(seed)
+    quantizer = OptVQQuantizer(dim=8, codebook_size=16, num_heads=2).train()
+    features = (torch.randn(2, 8, 4, 4) * 3).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = quantizer(features)
+    assert output.quantized.dtype == dtype and torch.isfinite(output.quantized.float()).all()
+    assert torch.isfinite(output.loss)
+    _check(output.token_ids.flatten(), 2 * 4 * 4 * 2, 16)
