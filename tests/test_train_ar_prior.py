@@ -54,11 +54,11 @@ def test_prior_with_saved_multi_head_tokenizer(tmp_path):
     tokenizer_dir = tmp_path / "tokenizer"
     OptVQModel(config).save_pretrained(tokenizer_dir)
     output_dir = tmp_path / "prior"
-    result = _run("--tokenizer", str(tokenizer_dir), "--dataset_name", "synthetic-digits", "--max_train_samples", "60",
-                  "--output_dir", str(output_dir), "--max_train_steps", "40", "--train_batch_size", "16",
-                  "--warmup_steps", "5", "--hidden_size", "32", "--num_layers", "1", "--num_attention_heads", "2",
-                  "--num_samples", "4", "--head_vocabulary", "per_head", "--learning_rate", "3e-3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _load_script().main(["--tokenizer", str(tokenizer_dir), "--dataset_name", "synthetic-digits",
+                         "--max_train_samples", "60", "--output_dir", str(output_dir), "--max_train_steps", "40",
+                         "--train_batch_size", "16", "--warmup_steps", "5", "--hidden_size", "32", "--num_layers", "1",
+                         "--num_attention_heads", "2", "--num_samples", "4", "--head_vocabulary", "per_head",
+                         "--learning_rate", "3e-3"])
 
     info, processor = _check_samples_png(output_dir)
     assert info["labels"] == [0, 1, 2, 3] and info["grid_size"] == [4, 4]
@@ -85,7 +85,7 @@ def test_prior_with_saved_multi_head_tokenizer(tmp_path):
 
 
 def test_prior_with_quick_tokenizer_and_label_rows(tmp_path):
-    # In process (the CLI itself is exercised by the test above): saves interpreter start-up time.
+    # In process, as the other runs (the command line itself is checked by `test_command_line`).
     _load_script().main(["--train_tokenizer_steps", "3", "--tokenizer_codebook_size", "16", "--resolution", "16",
                          "--dataset_name", "synthetic-digits", "--max_train_samples", "30", "--output_dir",
                          str(tmp_path / "out"), "--max_train_steps", "3", "--train_batch_size", "8", "--hidden_size",
@@ -173,3 +173,18 @@ def test_factorized_logits_are_causal_over_cells_and_heads():
     torch.testing.assert_close(other[:, 2, :2], logits[:, 2, :2])
     assert not torch.allclose(other[:, 2, 2], logits[:, 2, 2])
     assert not torch.allclose(other[:, 3], logits[:, 3])
+
+
+def test_command_line(tmp_path):
+    """The script runs as a program (tiny sizes, 2 steps)."""
+    torch.manual_seed(0)
+    config = OptVQConfig.from_preset("optvq-mnist", codebook_size=16, num_heads=1, base_channels=8, latent_channels=8,
+                                     resolution=16)
+    OptVQModel(config).save_pretrained(tmp_path / "tokenizer")
+    result = _run("--tokenizer", "tokenizer", "--dataset_name", "synthetic-digits", "--max_train_samples", "10",
+                  "--output_dir", "out", "--max_train_steps", "2", "--train_batch_size", "4", "--hidden_size", "16",
+                  "--num_layers", "1", "--num_attention_heads", "2", "--num_samples", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved the LM to out" in result.stdout
+    assert {"config.json", "model.safetensors", "samples.png", "samples.json", "train_log.json",
+            "image_tokenizer"} <= set(os.listdir(tmp_path / "out"))
