@@ -14,6 +14,10 @@ head being generated), decodes them with the tokenizer to `OUTPUT_DIR/samples.pn
 * `OUTPUT_DIR/image_tokenizer/` the OptVQ tokenizer and its `OptVQProcessor` (`processor_config.json`),
 * `OUTPUT_DIR/samples.png`, `OUTPUT_DIR/samples.json` (labels and generated sequences), `OUTPUT_DIR/train_log.json`.
 
+Multi-head tokenizers: by default a position's heads are consecutive tokens (heads innermost, one LM step each);
+`--head_vocabulary per_head` gives each head its own id range; `--factorized` uses one LM position per grid position
+and predicts its heads in turn from that position's hidden state (`factorized_logits`, `sample_factorized`).
+
 Examples::
 
     # MNIST (parquet from ../shared when present, else `--dataset_name synthetic-digits`), tokenizer trained before
@@ -34,7 +38,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
