@@ -232,7 +232,8 @@ def main(args=None) -> dict:
     indices = list(range(rank, num_images, world_size))
 
     # Distributed evaluate modules gather per-image rows through files; one process keeps them in memory.
-    experiment_id = hashlib.sha1(f"{os.path.abspath(args.output_dir)}-{time.time_ns() // 10**9 // 600}"
+    # The same id on every process (it names the shared cache files); distinct per output folder.
+    experiment_id = hashlib.sha1(f"{os.path.abspath(args.output_dir)}|{args.model}|{args.split}"
                                  .encode()).hexdigest()[:16]
     common = dict(num_process=world_size, process_id=rank, experiment_id=experiment_id,
                   keep_in_memory=world_size == 1)
