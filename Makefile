@@ -20,8 +20,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python examples/run_train.py --output_dir demo-output --model_config_name_or_path optvq-cifar10 \
-		--config_overrides codebook_size=256 --max_train_steps 300 --train_batch_size 32 --learning_rate 3e-5 \
-		--codebook_init kmeans --validation_steps 100 --report_to tensorboard
+		--config_overrides codebook_size=256 --max_train_steps 500 --train_batch_size 32 --learning_rate 1e-4 \
+		--codebook_init kmeans --validation_steps 250 --report_to tensorboard
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
