@@ -94,6 +94,10 @@ def test_save_and_load_round_trip(tiny_model, images, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     loaded = OptVQProcessor.from_pretrained(tmp_path)
     assert loaded.model is not None
+    from transformers import AutoProcessor
+
+    auto = AutoProcessor.from_pretrained(tmp_path)  # registered for OptVQConfig
+    assert isinstance(auto, OptVQProcessor) and auto.layout == processor.layout and auto.model is not None
     np.testing.assert_array_equal(loaded(images=images, return_tensors="np")["input_ids"],
                                   processor(images=images, return_tensors="np")["input_ids"])
     assert os.path.isfile(tmp_path / "model.safetensors")

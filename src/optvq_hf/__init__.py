@@ -38,6 +38,7 @@ __all__ = [
 from .processing_optvq import OptVQProcessor  # noqa: E402
 from .sequence import ImageSequenceLayout  # noqa: E402
 
+__import__("transformers").AutoProcessor.register(OptVQConfig, OptVQProcessor, exist_ok=True)
 __all__ += ["OptVQProcessor", "ImageSequenceLayout"]
 
 # diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` and `compute_scaling_factor` are imported on
