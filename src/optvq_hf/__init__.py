@@ -37,8 +37,9 @@ __all__ = [
 # OptVQ as an LM tokenizer: token grid <-> sequence layout and the images <-> sequences processor.
 from .processing_optvq import OptVQProcessor  # noqa: E402
 from .sequence import ImageSequenceLayout  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
 
-__import__("transformers").AutoProcessor.register(OptVQConfig, OptVQProcessor, exist_ok=True)
+AutoProcessor.register(OptVQConfig, OptVQProcessor, exist_ok=True)
 __all__ += ["OptVQProcessor", "ImageSequenceLayout"]
 
 # diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` and `compute_scaling_factor` are imported on
