@@ -3,7 +3,6 @@ one process on the same global batch, evaluation is reduced across ranks, only t
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -12,8 +11,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from optvq_hf import OptVQQuantizer
 
 from training_helpers import ROOT, tiny_args, write_tiny_dataset
 
@@ -37,8 +34,6 @@ def _launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:
 def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_data, tmp_path, quantizer):
     import run_train
 
-    if quantizer == "optvq" and "process_group" not in inspect.getsource(OptVQQuantizer):
-        pytest.xfail("OptVQQuantizer does not yet run Sinkhorn over the global batch (sinkhorn_assign process_group)")
     overrides = ["--learning_rate", "1e-4", "--max_train_steps", "3", "--no-random_crop", "--logging_steps", "1"]
     two = str(tmp_path / "two")
     args = tiny_args(tiny_data, two, *overrides)
