@@ -271,6 +271,7 @@ def _pick_eval_split(splits, args) -> str | None:
 def build_data(args, accelerator, processor, resolution):
     """Training DataLoader (prepared unless streaming), evaluation images (uint8, on CPU) and a description."""
     import datasets
+    import numpy as np
     from datasets.distributed import split_dataset_by_node
 
     from optvq_hf.training import (
@@ -331,7 +332,7 @@ def build_data(args, accelerator, processor, resolution):
     eval_arrays = [array for array in eval_arrays if array is not None]
     if not eval_arrays:
         raise ValueError("No readable image in the evaluation set.")
-    eval_images = torch.from_numpy(__import__("numpy").stack(eval_arrays))
+    eval_images = torch.from_numpy(np.stack(eval_arrays))
 
     # ---- training data
     skipped = 0
