@@ -1,0 +1,46 @@
+"""Global Sinkhorn across 2 real gloo processes equals one process on the concatenated batch."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "results.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent / "src"))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(HERE / "sinkhorn_distributed_worker.py"), str(out),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["all_uneven", "all_streaming", "dim", "none", "empty_rank"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(results, case):
+    result = results[case]
+    assert result["mismatches"] == 0, result
+    assert result["local_differs"], "the case cannot tell a global plan from a per-rank one"
+
+
+@pytest.mark.slow
+def test_quantizer_syncs_in_training(results):
+    result = results["quantizer"]
+    assert result["mismatches"] == 0 and result["local_differs"], result
+    assert result["unsynced_is_local"]
