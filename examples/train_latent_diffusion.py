@@ -232,8 +232,8 @@ def main(argv=None) -> dict:
     else:
         vqvae = OptVQVQModel.from_optvq(train_tokenizer(args, accelerator, images)).eval()
     with torch.no_grad():
-        held_out = images[: min(256, len(images))].to(vqvae.device)
-        reconstruction_mse = F.mse_loss(vqvae(held_out).sample.clamp(-1, 1), held_out).item()
+        probe = images[: min(256, len(images))].to(vqvae.device)  # training images: a fit check, not a held-out score
+        reconstruction_mse = F.mse_loss(vqvae(probe).sample.clamp(-1, 1), probe).item()
     scaling_factor = vqvae.fit_scaling_factor(images[: min(2048, len(images))].split(args.batch_size))
     accelerator.print(f"tokenizer reconstruction mse {reconstruction_mse:.4f}; scaling_factor {scaling_factor:.4f}")
 
