@@ -120,7 +120,9 @@ def infinite_batches(loader):
 def train_tokenizer(args, accelerator: Accelerator, images: torch.Tensor) -> OptVQModel:
     config = OptVQConfig.from_preset(args.preset, resolution=args.image_size)
     if config.in_channels != images.shape[1]:
-        raise ValueError(f"Preset {args.preset!r} expects {config.in_channels} channels, the data has {images.shape[1]}.")
+        raise ValueError(
+            f"Preset {args.preset!r} expects {config.in_channels} channels, the data has {images.shape[1]}."
+        )
     model = OptVQModel(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.vq_lr)
     loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
@@ -177,9 +179,10 @@ def train_unet(args, accelerator: Accelerator, latents: torch.Tensor) -> tuple[U
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
                                     clip_sample=False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / max(1, args.unet_steps)))
-    )
+    def warmup_cosine(step: int) -> float:
+        return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / max(1, args.unet_steps)))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
     loader = torch.utils.data.DataLoader(latents, batch_size=args.batch_size, shuffle=True, drop_last=True)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
     unet.train()

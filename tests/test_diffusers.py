@@ -30,7 +30,12 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from optvq_hf import OptVQConfig, OptVQModel, OptVQVQModel, compute_scaling_factor  # noqa: E402
-from reference_optvq import reference_codebook, reference_decode, reference_encode_features, reference_quantize  # noqa: E402
+from reference_optvq import (  # noqa: E402
+    reference_codebook,
+    reference_decode,
+    reference_encode_features,
+    reference_quantize,
+)
 from test_convert_original import write_original_folder  # noqa: E402
 
 
@@ -214,7 +219,8 @@ def test_dtype_conversion_keeps_quantizer_float32(tmp_path):
     assert vqvae.encoder.conv_in.weight.dtype == torch.bfloat16
     assert vqvae.quantizer.embedding.weight.dtype == torch.float32
     back = vqvae.to_optvq()
-    assert back.decoder.conv_in.weight.dtype == torch.bfloat16 and back.quantizer.projection.weight.dtype == torch.float32
+    assert back.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert back.quantizer.projection.weight.dtype == torch.float32
     out = vqvae.decode(vqvae.encode(pixels().bfloat16()).latents).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
@@ -247,9 +253,9 @@ def test_compute_scaling_factor(tmp_path):
     assert compute_scaling_factor(vqvae, data) == pytest.approx(expected, rel=1e-9)
     assert vqvae.training  # mode restored
     loader = torch.utils.data.DataLoader([{"pixel_values": image} for image in data], batch_size=4)
-    assert compute_scaling_factor(vqvae, loader) == pytest.approx(expected, rel=1e-9)
+    assert compute_scaling_factor(vqvae, loader) == pytest.approx(expected, rel=1e-6)  # other conv batch sizes
     first = 1.0 / vqvae.eval().encode(data[:4]).latents.double().std().item()
-    assert compute_scaling_factor(vqvae, loader, max_batches=1) == pytest.approx(first, rel=1e-9)
+    assert compute_scaling_factor(vqvae, loader, max_batches=1) == pytest.approx(first, rel=1e-6)
     # scaled latents are unit-variance
     assert (latents * expected).std().item() == pytest.approx(1.0, rel=1e-9)
 

@@ -248,7 +248,8 @@ class OptVQVQModel(VQModel):
             given = values[name]
             if given is not None and (list(given) if isinstance(given, (list, tuple)) else given) != expected:
                 raise ValueError(
-                    f"`{name}` is derived from the OptVQ fields and must be {expected!r} for this config, got {given!r}."
+                    f"`{name}` is derived from the OptVQ fields and must be {expected!r} for this config, "
+                    f"got {given!r}."
                 )
         self.register_to_config(
             channel_multipliers=list(optvq_config.channel_multipliers),
@@ -289,7 +290,9 @@ class OptVQVQModel(VQModel):
         return self.optvq_config.downsample_factor
 
     def _compute_dtype(self) -> torch.dtype:
-        return self.post_quant_conv.weight.dtype if self.config.use_quant_conv else next(self.decoder.parameters()).dtype
+        if self.config.use_quant_conv:
+            return self.post_quant_conv.weight.dtype
+        return next(self.decoder.parameters()).dtype
 
     def _check_sample(self, sample: torch.Tensor):
         config = self.config
