@@ -57,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Override the budget's test images.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs", action="store_true", help="Write the results into docs/benchmarks.md.")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="Reuse a quantizer's finished run (metrics.json and results.json present in --output_dir).")
     parser.add_argument("--train_args", default="", help="Extra arguments for run_train.py (one string).")
     args = parser.parse_args(argv)
     args.quantizer_list = [q.strip() for q in args.quantizers.split(",") if q.strip()]
@@ -234,8 +236,13 @@ def main(argv=None) -> dict:
     for name in args.quantizer_list:
         train_dir = os.path.join(args.output_dir, name)
         eval_dir = os.path.join(args.output_dir, f"{name}-eval")
-        _run(train_command(args, name, train_dir), os.path.join(args.output_dir, f"{name}-train.log"))
-        _run(eval_command(args, name, train_dir, eval_dir), os.path.join(args.output_dir, f"{name}-eval.log"))
+        done = (os.path.isfile(os.path.join(train_dir, "metrics.json"))
+                and os.path.isfile(os.path.join(eval_dir, "results.json")))
+        if args.skip_existing and done:
+            print(f"{name}: reusing {train_dir} and {eval_dir}", flush=True)
+        else:
+            _run(train_command(args, name, train_dir), os.path.join(args.output_dir, f"{name}-train.log"))
+            _run(eval_command(args, name, train_dir, eval_dir), os.path.join(args.output_dir, f"{name}-eval.log"))
         with open(os.path.join(train_dir, "metrics.json")) as handle:
             train_metrics = json.load(handle)
         with open(os.path.join(eval_dir, "results.json")) as handle:
@@ -263,7 +270,8 @@ def main(argv=None) -> dict:
 
         plot_name = "table2_curves.png" if args.budget == "short" else f"table2_curves_{args.budget}.png"
         shutil.copyfile(plot_path, os.path.join(REPO, "docs", plot_name))
-        command = "nice python benchmarks/table2.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "nice python benchmarks/table2.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--skip_existing")
         write_docs(results, args, table, command, plot_name)
     return results
 

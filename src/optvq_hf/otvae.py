@@ -36,22 +36,73 @@ from .sinkhorn import VALID_NORMALIZATIONS, normalize_distances, pairwise_euclid
 __all__ = ["OTVAEQuantizer", "equipartition_targets"]
 
 
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def _global_logsumexp_over_rows(log_values: torch.Tensor) -> torch.Tensor:
     """`logsumexp` over dim 0 (rows), across all ranks when torch.distributed is initialized."""
     local = torch.logsumexp(log_values, dim=0, keepdim=True)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    if _world_size() > 1:
+        gathered = [torch.empty_like(local) for _ in range(_world_size())]
         dist.all_gather(gathered, local.contiguous())
         return torch.logsumexp(torch.cat(gathered, dim=0), dim=0, keepdim=True)
     return local
 
 
+def _global_sum(values: torch.Tensor) -> torch.Tensor:
+    if _world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
 def _global_count(count: int, device) -> int:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         total = torch.tensor([count], dtype=torch.long, device=device)
         dist.all_reduce(total)
         return int(total.item())
     return count
+
+
+def _targets_log_domain(cost: torch.Tensor, epsilon: float, num_iters: int, global_rows: int) -> torch.Tensor:
+    num_codes = cost.shape[1]
+    log_plan = -epsilon * cost
+    for _ in range(num_iters):
+        log_plan = log_plan - _global_logsumexp_over_rows(log_plan) - math.log(num_codes)
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True) - math.log(global_rows)
+    return torch.softmax(log_plan, dim=1)
+
+
+def _targets_scaling(cost: torch.Tensor, epsilon: float, num_iters: int, global_rows: int) -> torch.Tensor | None:
+    """Sinkhorn on scaling vectors: one `exp` of the cost, then two matrix-vector products per round.
+
+    The plan is `diag(u) K diag(v)` with `K = exp(-epsilon * (cost - row minimum))` (a per-row shift is a row
+    scaling, carried by `u`, and keeps each row's largest entry at 1). Returns `None` if a scaling over- or
+    underflows, in which case the caller uses the log-domain recursion.
+    """
+    num_rows, num_codes = cost.shape
+    row_minimum = cost.amin(dim=1, keepdim=True)
+    kernel = torch.exp(-epsilon * (cost - row_minimum))
+    # The shift is undone in the starting row scaling, so every round matches the unshifted recursion.
+    row_scale = torch.exp(-epsilon * (row_minimum.squeeze(1) - row_minimum.min()))
+    if not bool((row_scale > torch.finfo(row_scale.dtype).tiny).all()):
+        return None
+    column_scale = torch.ones(num_codes, dtype=kernel.dtype, device=kernel.device)
+    for iteration in range(num_iters):
+        column_totals = _global_sum(kernel.t() @ row_scale)
+        column_scale = 1.0 / (column_totals * num_codes)
+        if iteration < num_iters - 1:  # the last row scaling cancels in the final row normalization
+            row_scale = 1.0 / ((kernel @ column_scale) * global_rows)
+    if not (bool(torch.isfinite(column_scale).all()) and bool(torch.isfinite(row_scale).all())):
+        return None
+    targets = kernel.mul_(column_scale)
+    totals = targets.sum(dim=1, keepdim=True)
+    if not bool((totals > 0).all() and torch.isfinite(totals).all()):
+        return None
+    return targets.div_(totals)
 
 
 @torch.no_grad()
@@ -71,13 +122,15 @@ def equipartition_targets(
         num_iters (`int`): Sinkhorn rounds (each: code marginals to `1/K`, then row marginals to `1/N`).
         normalization (`str`): cost normalization, as OptVQ's: `"all"`, `"dim"` or `"none"`.
 
-    Under `torch.distributed` the code marginals are all-reduced, so the plan covers the global batch (the
-    `"all"` normalization statistics stay per rank).
+    Runs on scaling vectors (fast) and falls back to a log-domain recursion where those over/underflow. Under
+    `torch.distributed` the code marginals are all-reduced, so the plan covers the global batch (the `"all"`
+    normalization statistics stay per rank).
     """
     if normalization not in VALID_NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
     features, codebook = features.detach().float(), codebook.detach().float()
     num_rows, num_codes = features.shape[0], codebook.shape[0]
+    global_rows = _global_count(num_rows, features.device)
     if num_rows == 0:
         return features.new_zeros(0, num_codes)
     distances = pairwise_euclidean(features, codebook)
@@ -86,13 +139,18 @@ def equipartition_targets(
     else:
         cost = normalize_distances(distances, normalization)
     cost = torch.nan_to_num(cost, nan=0.0, posinf=torch.finfo(cost.dtype).max / 4, neginf=0.0)
-    log_plan = -epsilon * cost
-    global_rows = _global_count(num_rows, features.device)
-    for _ in range(num_iters):
-        log_plan = log_plan - _global_logsumexp_over_rows(log_plan) - math.log(num_codes)
-        log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True) - math.log(global_rows)
-    # Rows as distributions over codes.
-    return torch.softmax(log_plan, dim=1)
+    if _world_size() == 1:
+        targets = _targets_scaling(cost, epsilon, num_iters, global_rows)
+        if targets is not None:
+            return targets
+        return _targets_log_domain(cost, epsilon, num_iters, global_rows)
+    # Every rank must take the same path (collectives): agree on whether the scaling form stayed finite.
+    targets = _targets_scaling(cost, epsilon, num_iters, global_rows)
+    failed = torch.tensor([float(targets is None)], device=features.device)
+    dist.all_reduce(failed)
+    if float(failed) > 0:
+        return _targets_log_domain(cost, epsilon, num_iters, global_rows)
+    return targets
 
 
 class OTVAEQuantizer(OptVQQuantizer):
