@@ -36,6 +36,22 @@ def test_targets_match_plain_sinkhorn_and_are_equipartitioned():
     torch.testing.assert_close(targets.sum(0), torch.full((16,), 4.0), atol=1e-3, rtol=0)
 
 
+def test_scaling_form_equals_log_domain_and_falls_back_where_it_underflows():
+    from optvq_hf.otvae import _targets_log_domain, _targets_scaling
+    from optvq_hf.sinkhorn import normalize_distances
+
+    torch.manual_seed(2)
+    features, codebook = torch.randn(300, 2), torch.randn(50, 2)
+    cost = normalize_distances(torch.cdist(features, codebook), "all")
+    torch.testing.assert_close(_targets_scaling(cost.clone(), 10.0, 5, 300), _targets_log_domain(cost, 10.0, 5, 300),
+                               atol=1e-5, rtol=1e-4)
+    # exp(-1e4 * cost) underflows: the scaling form declines and the log-domain recursion answers, finite.
+    assert _targets_scaling(cost.clone(), 1e4, 5, 300) is None
+    targets = equipartition_targets(features, codebook, epsilon=1e4, num_iters=5)
+    torch.testing.assert_close(targets, _targets_log_domain(cost, 1e4, 5, 300))
+    assert torch.isfinite(targets).all()
+
+
 def test_targets_spread_over_codes_where_nearest_collapses():
     torch.manual_seed(1)
     features = torch.randn(256, 2) * 0.1 + 5.0        # all features far from ...
