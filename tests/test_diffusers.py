@@ -308,6 +308,12 @@ def test_ldm_pipeline_end_to_end_and_save_reload(tmp_path):
     again = reloaded(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     np.testing.assert_array_equal(again, images)
 
+    # loading the pipeline in bfloat16 keeps the quantizer in float32 (`_keep_in_fp32_modules`)
+    half = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).vqvae
+    assert half.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert half.quantizer.embedding.weight.dtype == torch.float32
+    assert half.decode(latents.bfloat16()).sample.dtype == torch.bfloat16
+
 
 @torch.no_grad()
 def test_ldm_super_resolution_pipeline():
