@@ -57,6 +57,12 @@ _DIRECT_MAX_DIM = 4
 # The reference implementation adds this to every total before dividing by it.
 _REFERENCE_GUARD = 1e-8
 _LOG_GUARD = math.log(_REFERENCE_GUARD)
+# Scaling-vector (kernel) passes are used while the code potentials span at most _CODE_SPREAD nats and the row
+# scales at most _ROW_SPREAD; kernel entries below _KERNEL_FLOOR (about e^-85 of their row's largest) are zeroed.
+# Within these bounds nothing float32 drops can reach 1e-8 (the guards): see docs/sinkhorn.md.
+_CODE_SPREAD = 30.0
+_ROW_SPREAD = 60.0
+_KERNEL_FLOOR = 1e-37
 # The cost's scale is capped here: beyond it the plan is already one-hot on the nearest code in float32.
 _MAX_COST_SCALE = 1e20
 
@@ -378,13 +384,15 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
     if total_rows == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
 
-    # ---- the cost's affine map: logits = -k * (lambda * D - shift) ------------------------------------------
-    if normalization == "all":
-        # One pass of shifted sums around a pivot p = sqrt(E[D^2]) (closed form, this rank's rows): since
-        # |mean(D) - p| <= std(D), there is no cancellation. Ranks combine by Chan et al.'s formula. The mean is a
-        # constant shift of the cost and cancels: only the std and the minimum are used.
+    # ---- pass 0 (cached path or "all"): fill the cache, each row's minimum distance, the statistics ----------
+    need_pass0 = plan.cache is not None or normalization == "all"
+    row_min = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    if need_pass0:
+        # Shifted sums around a pivot p = sqrt(E[D^2]) (closed form, this rank's rows): since |mean(D) - p| <=
+        # std(D), there is no cancellation. Ranks combine by Chan et al.'s formula. The mean is a constant shift of
+        # the cost and cancels: only the std and the minimum are used.
         pivot = 0.0
-        if num_rows > 0:
+        if num_rows > 0 and normalization == "all":
             mean_sq = (
                 distances.feature_sq.mean()
                 + distances.code_sq.mean()
@@ -393,12 +401,15 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
             pivot = math.sqrt(max(float(mean_sq), 0.0))
         first = torch.zeros(1, **f64)
         second = torch.zeros(1, **f64)
-        minimum = torch.full((1,), math.inf, dtype=torch.float32, device=device)
-        for _, _, block in plan.blocks():
-            minimum = torch.minimum(minimum, block.amin().reshape(1))
-            centered = (block - pivot).flatten()
-            first += centered.sum().double()
-            second += torch.dot(centered, centered).double()
+        for start, stop, block in plan.blocks():
+            torch.amin(block, dim=1, out=row_min[start:stop])
+            if normalization == "all":
+                centered = (block - pivot).flatten()
+                first += centered.sum().double()
+                second += torch.dot(centered, centered).double()
+
+    # ---- the cost's affine map: logits = -k * (lambda * D - shift) ------------------------------------------
+    if normalization == "all":
         local_count = num_rows * num_codes
         counts = torch.tensor([local_count], **f64)
         means = pivot + first / max(local_count, 1)
@@ -408,6 +419,7 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
             global_mean = _all_reduce(torch.stack([count * mean, count]), "sum", group)
             global_mean = global_mean[0] / global_mean[1]
             square = _all_reduce((square + count * (mean - global_mean) ** 2).reshape(1), "sum", group)[0]
+        minimum = row_min.amin().reshape(1) if num_rows > 0 else torch.full((1,), math.inf, device=device)
         minimum = _all_reduce(minimum, "min", group)
         entries = total_rows * num_codes
         spread = math.sqrt(max(float(square), 0.0) / (entries - 1)) if entries > 1 else 0.0  # std of lambda * D
@@ -420,35 +432,83 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
         shift = 0.0
     cost_scale = min(cost_scale, _MAX_COST_SCALE)
     log_rows, log_codes = math.log(total_rows), math.log(num_codes)
+    guard = torch.tensor(_LOG_GUARD, **f64)
 
-    def logits(block, code_potentials):
-        # b[j] - k * (lambda D[i, j] - shift), in float32; the potentials already carry + k * shift.
-        return torch.add(code_potentials, block, alpha=-cost_scale)
+    # ---- cached path: turn the cache into the row-stabilized kernel G = exp(logits - row max) -----------------
+    # Every pass then is a matrix-vector product on G (scaling-vector Sinkhorn); the exact log-domain pass below
+    # remains the fallback whenever the potentials spread too far for float32 scaling vectors (see docs).
+    kernel = plan.cache is not None
+    row_logit_max = (row_min.double() - shift) * (-cost_scale)  # max_j logits[i, j]
+    if kernel:
+        for start, stop, block in plan.blocks():
+            block.sub_(row_min[start:stop, None]).mul_(-cost_scale).exp_()
+            torch.threshold_(block, _KERNEL_FLOOR, 0.0)  # no subnormals: < e^-85 of the row's largest entry
 
-    # ---- pass 1: the initial plan's total and code totals (a running maximum keeps exp in range) -------------
-    offset = torch.full((num_codes,), cost_scale * shift, dtype=torch.float32, device=device)
-    column = torch.zeros(num_codes, **f64)
-    total = torch.zeros((), **f64)
-    running_max = -math.inf
-    for _, _, distance in plan.blocks():
-        probabilities, log_totals = _log_row_totals(logits(distance, offset))
-        block_max = float(log_totals.max())
-        if block_max > running_max:
-            if running_max > -math.inf:
-                factor = math.exp(running_max - block_max)
-                column *= factor
-                total *= factor
-            running_max = block_max
-        weights = torch.exp(log_totals - running_max)
-        total += weights.sum(dtype=torch.float64)
-        column += (probabilities.t() @ weights).double()
+    def logit_blocks(code_potentials):
+        """Yield ``(start, stop, b[j] + logits[i, j])`` in float32, from distances or from the kernel."""
+        if kernel:
+            shifted = code_potentials.float()
+            for start, stop, block in plan.blocks():
+                yield start, stop, torch.log(block).add_(row_logit_max[start:stop, None].float()).add_(shifted)
+        else:
+            offset = (code_potentials + cost_scale * shift).float()
+            for start, stop, block in plan.blocks():
+                # b[j] - k * (lambda D[i, j] - shift); the offset carries + k * shift.
+                yield start, stop, torch.add(offset, block, alpha=-cost_scale)
+
+    def log_domain_columns(code_potentials, row_potentials, update_rows):
+        """One exact log-domain pass: optionally the row normalization, then the (local) code totals."""
+        column = torch.zeros(num_codes, **f64)
+        for start, stop, block in logit_blocks(code_potentials):
+            probabilities, log_totals = _log_row_totals(block)
+            if update_rows:
+                log_row_total = row_potentials[start:stop] + log_totals.double()
+                row_potentials[start:stop] -= torch.logaddexp(log_row_total, guard) + log_rows
+            # each row's total, spread over its codes by the softmax
+            weights = torch.exp(row_potentials[start:stop] + log_totals.double()).float()
+            column += (probabilities.t() @ weights).double()
+        return column
+
+    def kernel_columns(row_scale):
+        """Code totals ``sum_i G[i, j] exp(row_scale[i])`` (without the codes' own scale) if float32 holds them."""
+        if num_rows == 0:
+            return torch.zeros(num_codes, **f64)
+        top = row_scale.max()
+        if float(top - row_scale.min()) > _ROW_SPREAD:
+            return None
+        weights = torch.exp(row_scale - top).float()
+        return (plan.cache.t() @ weights).double() * torch.exp(top)
+
+    # ---- pass 1: the initial plan's total and code totals ------------------------------------------------------
+    column = kernel_columns(row_logit_max) if kernel else None
+    if column is not None:
+        running_max = float(row_logit_max.max()) if num_rows > 0 else -math.inf
+        total = (plan.cache.sum(dim=1).double() * torch.exp(row_logit_max - running_max)).sum() if num_rows else (
+            torch.zeros((), **f64)
+        )
+        column = column * math.exp(-running_max) if num_rows > 0 else column
+    else:
+        column = torch.zeros(num_codes, **f64)
+        total = torch.zeros((), **f64)
+        running_max = -math.inf
+        for _, _, block in logit_blocks(torch.zeros(num_codes, **f64)):
+            probabilities, log_totals = _log_row_totals(block)
+            block_max = float(log_totals.max())
+            if block_max > running_max:  # a running maximum keeps exp in range (an online softmax)
+                if running_max > -math.inf:
+                    factor = math.exp(running_max - block_max)
+                    column *= factor
+                    total *= factor
+                running_max = block_max
+            weights = torch.exp(log_totals - running_max)
+            total += weights.sum(dtype=torch.float64)
+            column += (probabilities.t() @ weights).double()
     if group is not None:
         global_max = _all_reduce(torch.tensor([running_max], **f64), "max", group)
         factor = torch.exp(torch.tensor(running_max, **f64) - global_max) if num_rows > 0 else global_max.new_zeros(1)
         packed = _all_reduce(torch.cat([column, total.reshape(1)]) * factor, "sum", group)
         column, total, running_max = packed[:-1], packed[-1], float(global_max[0])
     # Q / (sum(Q) + 1e-8): the same row potential for every row.
-    guard = torch.tensor(_LOG_GUARD, **f64)
     log_total = torch.log(total) + running_max
     initial_row = -torch.logaddexp(log_total, guard)
     log_columns = torch.log(column) + running_max + initial_row
@@ -460,23 +520,34 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
         code_potentials -= torch.logaddexp(log_columns, guard) + log_codes
         if iteration == num_iters - 1:
             break  # the last row normalization does not move any row's argmax
-        offset = (code_potentials + cost_scale * shift).float()
-        column = torch.zeros(num_codes, **f64)
-        for start, stop, distance in plan.blocks():
-            probabilities, log_totals = _log_row_totals(logits(distance, offset))
-            log_row_total = row_potentials[start:stop] + log_totals.double()
-            row_potentials[start:stop] -= torch.logaddexp(log_row_total, guard) + log_rows
-            # each row's total after its normalization, spread over its codes by the softmax
-            weights = torch.exp(row_potentials[start:stop] + log_totals.double()).float()
-            column += (probabilities.t() @ weights).double()
+        code_top = code_potentials.max()
+        column = None
+        if kernel and float(code_top - code_potentials.min()) <= _CODE_SPREAD:
+            if num_rows > 0:
+                # row totals: sum_j G[i, j] exp(b[j]); every row's largest entry keeps its sum >= exp(-spread)
+                sums = plan.cache @ torch.exp(code_potentials - code_top).float()
+                log_row_total = row_potentials + row_logit_max + code_top + sums.double().log()
+                row_potentials -= torch.logaddexp(log_row_total, guard) + log_rows
+            column = kernel_columns(row_potentials + row_logit_max)
+            if column is None:
+                column = log_domain_columns(code_potentials, row_potentials, update_rows=False)
+            else:
+                column = column * torch.exp(code_potentials)
+        else:
+            column = log_domain_columns(code_potentials, row_potentials, update_rows=True)
         column = _all_reduce(column, "sum", group)
         log_columns = torch.log(column)
 
     # ---- assignment: argmax_j of the log plan (row potentials do not move it) --------------------------------
-    offset = (code_potentials + cost_scale * shift).float()
     ids = torch.empty(num_rows, dtype=torch.long, device=device)
-    for start, stop, distance in plan.blocks():
-        torch.argmax(logits(distance, offset), dim=1, out=ids[start:stop])
+    code_top = code_potentials.max()
+    if kernel and float(code_top - code_potentials.min()) <= _CODE_SPREAD:
+        scale = torch.exp(code_potentials - code_top).float()
+        for start, stop, block in plan.blocks():
+            torch.argmax(block * scale, dim=1, out=ids[start:stop])
+    else:
+        for start, stop, block in logit_blocks(code_potentials):
+            torch.argmax(block, dim=1, out=ids[start:stop])
     return ids
 
 
