@@ -723,7 +723,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                     disable=not accelerator.is_local_main_process)
     window_counts = torch.zeros(config.codebook_size, device=accelerator.device)
     window_loss = torch.zeros(5, device=accelerator.device)  # loss, l1, l2, quant, batches
-    skipped_train = data_info["skipped_train"]
+    skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
     steps_this_run = 0
     start_time = time.perf_counter()
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
@@ -745,7 +745,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             epoch_loader = accelerator.skip_first_batches(loader, resume_batches) if steps_per_epoch else \
                 _skip(loader, resume_batches)
         for batch in epoch_loader:
-            skipped_train += int(batch["num_skipped"])
+            skipped_on_the_fly += int(batch["num_skipped"])
             generator = _step_generator(args.seed, global_step, micro % args.gradient_accumulation_steps,
                                         accelerator.process_index)
             pixel_values = augment_batch(batch["images"], resolution, args.random_crop, args.random_flip, generator)
@@ -806,7 +806,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                         "train/l2": float(totals[2]) / batches, "train/quantization": float(totals[3]) / batches,
                         "train/codebook_usage": stats["codebook_usage"], "train/perplexity": stats["perplexity"],
                         "train/dead_codes": stats["dead_codes"], "train/lr": scheduler.get_last_lr()[0],
-                        "train/skipped_images": skipped_train}
+                        "train/skipped_images": data_info["skipped_train"] + skipped_on_the_fly}
                 if gan_on:
                     logs.update({"train/generator": float(losses.generator), "train/generator_weight":
                                  float(losses.generator_weight), "train/discriminator": float(d_losses.discriminator)})
@@ -859,8 +859,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         "total_batch_size": total_batch,
         "learning_rate": learning_rate,
         "num_processes": accelerator.num_processes,
-        "skipped_train_images": int(accelerator.reduce(torch.tensor(skipped_train, device=accelerator.device), "sum"))
-        if data_info["streaming"] else skipped_train,
+        "skipped_train_images": data_info["skipped_train"] + int(
+            accelerator.reduce(torch.tensor(skipped_on_the_fly, device=accelerator.device), "sum")),
         "skipped_eval_images": data_info["skipped_eval"],
         "dataset": description,
         "model": args.model_config_name_or_path,
