@@ -102,3 +102,26 @@ def test_gradients_are_not_tracked():
 def test_bad_arguments_raise_value_error(features, codebook, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn_assign(features, codebook, **kwargs)
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_traceable_dense_path_matches_published_algorithm(normalization):
+    from optvq_hf.sinkhorn import dense_nearest_assign, dense_sinkhorn_assign
+
+    features, codebook = _data(300, 48, 4, seed=11)
+    reference = reference_sinkhorn_assign(features, codebook, 10.0, 5, normalization)
+    assert int((dense_sinkhorn_assign(features, codebook, normalization=normalization) != reference).sum()) <= 1
+    assert torch.equal(dense_nearest_assign(features, codebook), nearest_assign(features, codebook))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_quantizer_gives_the_eager_tokens(training):
+    from optvq_hf import OptVQQuantizer
+
+    torch.manual_seed(0)
+    quantizer = OptVQQuantizer(dim=8, codebook_size=64, num_heads=2).train(training)
+    features = torch.randn(4, 8, 6, 6)
+    eager = quantizer(features)
+    compiled = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(features)
+    assert int((compiled.token_ids != eager.token_ids).sum()) <= 1
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-4)

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .sinkhorn import DEFAULT_DENSE_LIMIT, VALID_NORMALIZATIONS, euclidean_argmin, sinkhorn_assign
+from .sinkhorn import (
+    DEFAULT_DENSE_LIMIT,
+    VALID_NORMALIZATIONS,
+    dense_nearest_assign,
+    dense_sinkhorn_assign,
+    euclidean_argmin,
+    sinkhorn_assign,
+)
 
 __all__ = ["QuantizerOutput", "OptVQQuantizer", "VectorQuantizer", "nearest_assign", "build_quantizer"]
 
@@ -179,7 +186,11 @@ class OptVQQuantizer(nn.Module):
                 torch.distributed.is_initialized()
             ):
                 group = self.process_group if self.process_group is not None else "world"
-            return sinkhorn_assign(
+            if _is_compiling() and group is None:
+                # Under torch.compile: the same algorithm with tensor ops only, so the graph does not break.
+                return dense_sinkhorn_assign(features, codebook, self.epsilon, self.num_iters, self.normalization)
+            engine = torch.compiler.disable(sinkhorn_assign) if _is_compiling() else sinkhorn_assign
+            return engine(
                 features,
                 codebook,
                 self.epsilon,
@@ -189,6 +200,8 @@ class OptVQQuantizer(nn.Module):
                 streaming=self.sinkhorn_streaming,
                 dense_limit=self.sinkhorn_dense_limit,
             )
+        if _is_compiling():
+            return dense_nearest_assign(features, codebook)
         return nearest_assign(features, codebook)
 
     def _check_input(self, features: torch.Tensor):

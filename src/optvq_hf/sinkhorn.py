@@ -571,3 +571,39 @@ def sinkhorn_log_plan(cost: torch.Tensor, epsilon: float, num_iters: int) -> tor
         row_totals = torch.logsumexp(log_plan, dim=1, keepdim=True)
         log_plan = log_plan - (torch.logaddexp(row_totals, guard) + log_num_rows)
     return log_plan
+
+
+def _dense_squared_distances(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    squared = (features * features).sum(1, keepdim=True) - 2 * features @ codebook.t() + (codebook * codebook).sum(1)
+    return squared.clamp_min(0.0)
+
+
+@torch.no_grad()
+def dense_nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
+    """Nearest code by one distance matmul and an argmin: tensor ops only, traceable by `torch.compile`."""
+    features, codebook = features.detach().float(), codebook.detach().float()
+    scores = (codebook * codebook).sum(1) - 2 * features @ codebook.t()
+    return scores.argmin(dim=1)
+
+
+@torch.no_grad()
+def dense_sinkhorn_assign(
+    features: torch.Tensor,
+    codebook: torch.Tensor,
+    epsilon: float = 10.0,
+    num_iters: int = 5,
+    normalization: str = "all",
+) -> torch.LongTensor:
+    """Single-process Sinkhorn assignment with tensor ops only (no host synchronization), for `torch.compile`.
+
+    Same algorithm and guards as :func:`sinkhorn_assign`, on a materialized ``N x K`` matrix: the quantizer uses it
+    while being compiled, where the engine's data-dependent block scheduling would break the graph.
+    """
+    features, codebook = features.detach().float(), codebook.detach().float()
+    distances = _dense_squared_distances(features, codebook).sqrt()
+    if normalization == "dim":
+        cost = distances / math.sqrt(codebook.shape[1])
+    else:
+        cost = normalize_distances(distances, normalization)
+    cost = torch.nan_to_num(cost, nan=0.0, posinf=_MAX_COST_SCALE, neginf=0.0)
+    return sinkhorn_log_plan(cost, float(epsilon), int(num_iters)).argmax(dim=1)
