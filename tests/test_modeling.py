@@ -261,3 +261,12 @@ def test_model_card_records_results():
                             dataset_name="imagenet-1k")
     assert card.data.eval_results[0].metric_value == 26.59
     assert "| psnr | 26.59 |" in card.content
+
+
+@pytest.mark.parametrize("quantizer_type,phrase", [("optvq", "Sinkhorn"), ("vq", "nearest-neighbour vector"),
+                                                    ("otvae", "OT-VAE quantization")])
+def test_model_card_describes_the_quantizer(quantizer_type, phrase):
+    from optvq_hf.model_card import build_model_card
+
+    card = build_model_card(OptVQConfig(**{**TINY, "quantizer_type": quantizer_type}))
+    assert phrase in card.content

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .configuration_optvq import OptVQConfig
 from .image_processing_optvq import OptVQImageProcessor
 from .modeling_optvq import OptVQEncoderOutput, OptVQModel, OptVQModelOutput, OptVQPreTrainedModel
+from .otvae import OTVAEQuantizer
 from .quantization import OptVQQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, nearest_assign
 from .sinkhorn import sinkhorn_assign
 
@@ -27,6 +28,7 @@ __all__ = [
     "OptVQImageProcessor",
     "OptVQQuantizer",
     "VectorQuantizer",
+    "OTVAEQuantizer",
     "QuantizerOutput",
     "build_quantizer",
     "nearest_assign",

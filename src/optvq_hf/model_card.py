@@ -106,6 +106,12 @@ def build_model_card(
             f"`{config.normalization}` distance normalization)"
         )
         training_assignment = "Sinkhorn optimal transport over the whole batch"
+    elif config.quantizer_type == "otvae":
+        quantizer_text = (
+            "OT-VAE quantization (equipartition optimal-transport targets, Gumbel-softmax decoding in training, "
+            "nearest code at inference)"
+        )
+        training_assignment = "Gumbel-softmax samples trained towards equipartition Sinkhorn targets"
     else:
         quantizer_text = "nearest-neighbour vector quantization"
         training_assignment = "nearest neighbour"
