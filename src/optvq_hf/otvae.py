@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .quantization import OptVQQuantizer, QuantizerOutput
+from .quantization import OptVQQuantizer
 from .sinkhorn import VALID_NORMALIZATIONS, normalize_distances, pairwise_euclidean
 
 __all__ = ["OTVAEQuantizer", "equipartition_targets"]
@@ -197,41 +197,17 @@ class OTVAEQuantizer(OptVQQuantizer):
         squared = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
         return -self.logit_scale * squared.clamp_min(0)
 
-    def forward(self, features: torch.Tensor) -> QuantizerOutput:
-        """Quantize `features` `(B, C, H, W)` or `(B, T, C)`; returns a [`QuantizerOutput`] whose `loss` is the
-        OT cross-entropy (train and eval alike) and whose `quantized` is the Gumbel-softmax decoding in training and
-        the nearest code at inference."""
-        self._check_input(features)
-        input_dtype = features.dtype
-        is_image = features.ndim == 4
-        with torch.autocast(device_type=features.device.type, enabled=False):
-            if is_image:
-                batch, _, height, width = features.shape
-                sequence = features.permute(0, 2, 3, 1).reshape(batch, height * width, self.dim)
-            else:
-                sequence = features
-            batch, length, _ = sequence.shape
-            flat = sequence.float().reshape(-1, self.code_dim)
-            codebook = self.codebook
-            logits = self.logits(flat, codebook)
-            targets = equipartition_targets(flat, codebook, self.epsilon, self.num_iters, self.normalization)
-            log_probabilities = torch.log_softmax(logits, dim=1)
-            loss = self.commitment_weight * -(targets * log_probabilities).sum(dim=1).mean()
-            if flat.shape[0] == 0:
-                loss = flat.sum() * 0.0
-            if self.training:
-                weights = nn.functional.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=self.gumbel_hard)
-                token_ids = weights.detach().argmax(dim=1)
-                quantized = weights @ codebook
-            else:
-                token_ids = logits.detach().argmax(dim=1)
-                quantized = nn.functional.embedding(token_ids, codebook)
-            code_counts, perplexity, usage = self._statistics(token_ids)
-
-        quantized = quantized.reshape(batch, length, self.dim).to(input_dtype)
-        token_ids = token_ids.reshape(batch, length, self.num_heads)
-        if is_image:
-            quantized = quantized.reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
-            token_ids = token_ids.reshape(batch, height, width, self.num_heads).permute(0, 3, 1, 2)
-        return QuantizerOutput(quantized=quantized, loss=loss, token_ids=token_ids, perplexity=perplexity,
-                               codebook_usage=usage, code_counts=code_counts)
+    def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
+        """OT cross-entropy loss (train and eval alike); the Gumbel-softmax decoding in training and the nearest
+        code at inference. Layouts, heads, dtypes and statistics are handled by `OptVQQuantizer.forward`."""
+        logits = self.logits(flat, codebook)
+        targets = equipartition_targets(flat, codebook, self.epsilon, self.num_iters, self.normalization)
+        log_probabilities = torch.log_softmax(logits, dim=1)
+        loss = self.commitment_weight * -(targets * log_probabilities).sum(dim=1).mean()
+        if flat.shape[0] == 0:
+            loss = flat.sum() * 0.0
+        if self.training:
+            weights = nn.functional.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=self.gumbel_hard)
+            return weights @ codebook, loss, weights.detach().argmax(dim=1)
+        token_ids = logits.detach().argmax(dim=1)
+        return nn.functional.embedding(token_ids, codebook), loss, token_ids

@@ -234,13 +234,7 @@ class OptVQQuantizer(nn.Module):
                 sequence = features
             batch, length, _ = sequence.shape
             flat = sequence.float().reshape(-1, self.code_dim)  # (B * T * heads, code_dim), heads innermost
-            codebook = self.codebook
-            token_ids = self.assign(flat, codebook)
-            chosen = nn.functional.embedding(token_ids, codebook)
-            loss = self.commitment_weight * torch.mean((flat - chosen.detach()) ** 2) + self.beta * torch.mean(
-                (chosen - flat.detach()) ** 2
-            )
-            quantized = flat + (chosen - flat).detach()
+            quantized, loss, token_ids = self.quantize_rows(flat, self.codebook)
             code_counts, perplexity, usage = self._statistics(token_ids)
 
         quantized = quantized.reshape(batch, length, self.dim).to(input_dtype)
@@ -256,6 +250,18 @@ class OptVQQuantizer(nn.Module):
             codebook_usage=usage,
             code_counts=code_counts,
         )
+
+    def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
+        """Quantize rows `(N, dim // num_heads)` in float32: returns `(quantized rows, loss, token ids)`.
+
+        The one place a member of the family differs; `forward` handles layouts, heads, dtypes and statistics.
+        """
+        token_ids = self.assign(flat, codebook)
+        chosen = nn.functional.embedding(token_ids, codebook)
+        loss = self.commitment_weight * torch.mean((flat - chosen.detach()) ** 2) + self.beta * torch.mean(
+            (chosen - flat.detach()) ** 2
+        )
+        return flat + (chosen - flat).detach(), loss, token_ids
 
     @torch.no_grad()
     def _statistics(self, token_ids: torch.Tensor):
