@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .sinkhorn import (
     DEFAULT_DENSE_LIMIT,
     VALID_NORMALIZATIONS,
+    SinkhornWorkspace,
     dense_nearest_assign,
     dense_sinkhorn_assign,
     euclidean_argmin,
@@ -95,7 +96,9 @@ class OptVQQuantizer(nn.Module):
         sinkhorn_streaming (`bool` or `"auto"`, defaults to `"auto"`): `streaming` of
             [`~optvq_hf.sinkhorn.sinkhorn_assign`]: `False` caches one `(N, K)` distance matrix, `True` recomputes
             distances block by block (memory `O((N + K) d + block)`), `"auto"` streams above `sinkhorn_dense_limit`.
-        sinkhorn_dense_limit (`int`, defaults to `2**27`): largest `N * K` that `"auto"` caches.
+        sinkhorn_dense_limit (`int`, defaults to `2**28`): largest `N * K` that `"auto"` caches. The cache lives in
+            a [`~optvq_hf.sinkhorn.SinkhornWorkspace`] kept by the module (`sinkhorn_workspace`) and reused from
+            step to step; `sinkhorn_workspace.release()` frees it (it is never saved or copied).
         sync_across_ranks (`bool`, defaults to `True`): in training, when `torch.distributed` is initialized with
             more than one rank, the Sinkhorn plan covers the global batch (statistics and marginals all-reduced over
             `process_group`, the default group unless set), as one process would on the concatenated batch. Every
@@ -146,6 +149,7 @@ class OptVQQuantizer(nn.Module):
         self.sinkhorn_dense_limit = int(sinkhorn_dense_limit)
         self.sync_across_ranks = bool(sync_across_ranks)
         self.process_group = None  # None: the default group when syncing
+        self.sinkhorn_workspace = SinkhornWorkspace()
 
         self.embedding = nn.Embedding(codebook_size, self.code_dim)
         self.projection = nn.Linear(self.code_dim, self.code_dim) if use_projection else None
@@ -199,6 +203,7 @@ class OptVQQuantizer(nn.Module):
                 process_group=group,
                 streaming=self.sinkhorn_streaming,
                 dense_limit=self.sinkhorn_dense_limit,
+                workspace=self.sinkhorn_workspace,
             )
         if _is_compiling():
             return dense_nearest_assign(features, codebook)

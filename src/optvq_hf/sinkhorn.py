@@ -35,6 +35,7 @@ import torch
 
 __all__ = [
     "sinkhorn_assign",
+    "SinkhornWorkspace",
     "euclidean_argmin",
     "normalize_distances",
     "pairwise_euclidean",
@@ -44,9 +45,9 @@ __all__ = [
 
 VALID_NORMALIZATIONS = ("all", "dim", "none")
 
-#: ``streaming="auto"`` keeps one cached ``(N, K)`` float32 distance matrix up to this many entries (512 MiB) and
+#: ``streaming="auto"`` keeps one cached ``(N, K)`` float32 distance matrix up to this many entries (1 GiB) and
 #: recomputes distances block by block above it.
-DEFAULT_DENSE_LIMIT = 1 << 27
+DEFAULT_DENSE_LIMIT = 1 << 28
 
 # Rows of distances are computed in chunks of about this many entries (64 MiB of float32: a matmul needs a few
 # hundred rows to run at full speed) and processed in blocks of about _BLOCK_ENTRIES (4 MiB, cache-sized).
@@ -57,12 +58,15 @@ _DIRECT_MAX_DIM = 4
 # The reference implementation adds this to every total before dividing by it.
 _REFERENCE_GUARD = 1e-8
 _LOG_GUARD = math.log(_REFERENCE_GUARD)
-# Scaling-vector (kernel) passes are used while the code potentials span at most _CODE_SPREAD nats and the row
-# scales at most _ROW_SPREAD; kernel entries below _KERNEL_FLOOR (about e^-85 of their row's largest) are zeroed.
-# Within these bounds nothing float32 drops can reach 1e-8 (the guards): see docs/sinkhorn.md.
-_CODE_SPREAD = 30.0
-_ROW_SPREAD = 60.0
-_KERNEL_FLOOR = 1e-37
+# The cached path keeps each row of its kernel scaled so that its largest entry is e^sigma, with sigma as large as
+# float32 allows for a block's sums (below e^_FLOAT32_LOG_MAX; sigma is about 76 at K = 16,384): float32 then holds
+# entries down to about e^-(sigma + 87) of their row's largest. exp is never asked for anything below _EXP_FLOOR
+# (torch's CPU exp takes a very slow path there; such entries are far below float32 resolution of any total they
+# enter). The kernel is rebuilt once the code potentials moved by more than _CODE_SPREAD nats since it was built.
+# See docs/sinkhorn.md.
+_FLOAT32_LOG_MAX = 87.0
+_EXP_FLOOR = -87.0
+_CODE_SPREAD = 60.0
 # The cost's scale is capped here: beyond it the plan is already one-hot on the nearest code in float32.
 _MAX_COST_SCALE = 1e20
 
@@ -171,6 +175,7 @@ class _Distances:
         self.features = features * self.scale
         self.codebook = codebook * self.scale
         self.direct = self.codebook.shape[1] <= _DIRECT_MAX_DIM
+        self._scratch = None  # the direct path's coordinate differences
         self.feature_sq = self.features.square().sum(dim=1, keepdim=True)  # (N, 1)
         self.code_sq = self.codebook.square().sum(dim=1)  # (K,)
         self.codebook_t = self.codebook.t().contiguous()  # (d, K)
@@ -189,14 +194,19 @@ class _Distances:
     def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``lambda * D`` for rows ``[start, stop)``, written into ``out`` (shape ``(stop - start, K)``) if given."""
         rows = self.features[start:stop]
+        if out is None:
+            out = rows.new_empty(rows.shape[0], self.codebook.shape[0])
         if self.direct:
-            if out is None:
-                out = rows.new_empty(rows.shape[0], self.codebook.shape[0])
             torch.sub(rows[:, :1], self.codebook_t[:1], out=out).square_()
-            for k in range(1, rows.shape[1]):
-                out.add_(torch.sub(rows[:, k : k + 1], self.codebook_t[k : k + 1]).square_())
+            if rows.shape[1] > 1:
+                if self._scratch is None or self._scratch.numel() < out.numel():
+                    self._scratch = out.new_empty(out.numel())
+                difference = self._scratch[: out.numel()].view_as(out)
+                for k in range(1, rows.shape[1]):
+                    torch.sub(rows[:, k : k + 1], self.codebook_t[k : k + 1], out=difference)
+                    out.addcmul_(difference, difference)
             return out.sqrt_()
-        out = torch.mm(self.features_aug[start:stop], self.codebook_aug_t, out=out)
+        torch.mm(self.features_aug[start:stop], self.codebook_aug_t, out=out)
         return out.clamp_min_(0.0).sqrt_()
 
 
@@ -248,37 +258,91 @@ def _no_autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------------------------
+class SinkhornWorkspace:
+    """A plan-sized float32 buffer that :func:`sinkhorn_assign`'s cached path reuses from call to call.
+
+    A fresh ``N x K`` allocation is paid for again on every call: on CPU the first write to each of its pages costs
+    about as much as the distance matmul itself (CUDA's caching allocator already avoids this). Pass the same
+    workspace to every call to keep one buffer instead; it grows to the largest ``N * K`` seen and is freed with
+    :meth:`release` or with the workspace. It is never copied (``copy.deepcopy`` and pickling give an empty one),
+    so an EMA copy or a checkpoint of a module holding one costs nothing. `OptVQQuantizer` keeps one.
+    """
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, num_rows: int, num_codes: int, device: torch.device) -> torch.Tensor:
+        """A float32 ``(num_rows, num_codes)`` view of the buffer (reallocated if too small or elsewhere)."""
+        needed = num_rows * num_codes
+        if self.buffer is None or self.buffer.device != torch.device(device) or self.buffer.numel() < needed:
+            self.buffer = None  # free the old one first
+            self.buffer = torch.empty(needed, dtype=torch.float32, device=device)
+        return self.buffer[:needed].view(num_rows, num_codes)
+
+    def release(self):
+        """Free the buffer (the next call allocates again)."""
+        self.buffer = None
+
+    def __deepcopy__(self, memo):
+        return SinkhornWorkspace()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.buffer = None
+
+    def __repr__(self) -> str:
+        size = 0 if self.buffer is None else self.buffer.numel() * 4
+        return f"SinkhornWorkspace({size / 2**20:.0f} MiB)"
+
+
 class _Plan:
     """Walks the plan's rows: distance chunks of ``chunk_rows`` rows (one matmul each, cached or recomputed),
     split into cache-sized blocks of ``rows`` rows for the elementwise work."""
 
-    def __init__(self, distances: _Distances, num_rows: int, chunk_rows: int, cache: bool):
+    def __init__(
+        self, distances: _Distances, num_rows: int, chunk_rows: int, cache: bool, block_entries: int, workspace=None
+    ):
         self.distances = distances
         self.num_rows = num_rows
         self.num_codes = distances.codebook.shape[0]
         self.chunk_rows = max(1, min(chunk_rows, num_rows))
-        self.rows = max(1, min(self.chunk_rows, _BLOCK_ENTRIES // self.num_codes))
-        self.cache = distances.features.new_empty(num_rows, self.num_codes) if cache and num_rows > 0 else None
+        self.rows = max(1, min(self.chunk_rows, block_entries // self.num_codes))
+        if distances.direct:  # no matmul to keep busy: compute distances block by block
+            self.chunk_rows = self.rows
+        self.cache = None
+        if cache and num_rows > 0:
+            device = distances.features.device
+            self.cache = (
+                workspace.get(num_rows, self.num_codes, device)
+                if workspace is not None
+                else distances.features.new_empty(num_rows, self.num_codes)
+            )
         self.cached = False
         self._scratch = None
 
     def blocks(self):
-        """Yield ``(start, stop, lambda * D[start:stop])`` over all rows; the view is valid until the next one."""
+        """Yield ``(start, stop, values)`` over all rows, ``values`` being ``lambda * D[start:stop]`` (or, in the cached
+        path, whatever the passes left there). A streamed view is valid until the next one."""
+        if self.cache is not None:
+            # each block's distances are computed in place, where the rest of pass 0 finds them still in cache
+            for start in range(0, self.num_rows, self.rows):
+                stop = min(start + self.rows, self.num_rows)
+                block = self.cache[start:stop]
+                if not self.cached:
+                    self.distances.block(start, stop, out=block)
+                yield start, stop, block
+            self.cached = True
+            return
         for chunk_start in range(0, self.num_rows, self.chunk_rows):
             chunk_stop = min(chunk_start + self.chunk_rows, self.num_rows)
-            if self.cache is not None:
-                chunk = self.cache[chunk_start:chunk_stop]
-                if not self.cached:
-                    self.distances.block(chunk_start, chunk_stop, out=chunk)
-            else:
-                if self._scratch is None:
-                    self._scratch = self.distances.features.new_empty(self.chunk_rows, self.num_codes)
-                chunk = self.distances.block(chunk_start, chunk_stop, out=self._scratch[: chunk_stop - chunk_start])
+            if self._scratch is None:
+                self._scratch = self.distances.features.new_empty(self.chunk_rows, self.num_codes)
+            chunk = self.distances.block(chunk_start, chunk_stop, out=self._scratch[: chunk_stop - chunk_start])
             for start in range(chunk_start, chunk_stop, self.rows):
                 stop = min(start + self.rows, chunk_stop)
                 yield start, stop, chunk[start - chunk_start : stop - chunk_start]
-        if self.cache is not None:
-            self.cached = True
 
 
 @torch.no_grad()
@@ -293,6 +357,7 @@ def sinkhorn_assign(
     streaming: bool | str = "auto",
     block_size: int | None = None,
     dense_limit: int = DEFAULT_DENSE_LIMIT,
+    workspace: SinkhornWorkspace | None = None,
 ) -> torch.LongTensor:
     """Assign each feature to a code by entropic optimal transport (OptVQ's Sinkhorn assignment).
 
@@ -321,8 +386,11 @@ def sinkhorn_assign(
         block_size (`int`, *optional*):
             Rows of distances computed at once (the streaming path's memory knob: ``block_size x K`` float32);
             by default about ``2^24 / K`` (64 MiB).
-        dense_limit (`int`, defaults to `DEFAULT_DENSE_LIMIT` = 2^27):
-            Largest ``N * K`` that `streaming="auto"` caches.
+        dense_limit (`int`, defaults to `DEFAULT_DENSE_LIMIT` = 2^28):
+            Largest ``N * K`` that `streaming="auto"` caches (2^28 float32 entries: a 1 GiB cache).
+        workspace ([`SinkhornWorkspace`], *optional*):
+            Where the cached path keeps its ``(N, K)`` buffer, reused across calls (saves a plan-sized allocation
+            and its page faults per call). By default the buffer is allocated per call and freed on return.
 
     Returns:
         `torch.LongTensor` of shape `(N,)`: the code index of every row.
@@ -338,6 +406,8 @@ def sinkhorn_assign(
         return euclidean_argmin(features, codebook, block_size)
     if streaming == "auto":
         streaming = num_rows * num_codes > dense_limit
+    if workspace is not None and not isinstance(workspace, SinkhornWorkspace):
+        raise ValueError(f"`workspace` must be a SinkhornWorkspace or None, got {type(workspace).__name__}.")
     with _no_autocast(device):
         return _sinkhorn(
             features.detach().float(),
@@ -348,16 +418,21 @@ def sinkhorn_assign(
             group,
             not streaming,
             _chunk_rows(num_codes, block_size),
+            _BLOCK_ENTRIES,
+            workspace,
         )
 
 
 def _log_row_totals(logits: torch.Tensor):
-    """``(softmax, logsumexp)`` of every row of a block of logits, with one fused softmax kernel.
+    """``(softmax, logsumexp)`` of every row of a block of logits (modified in place), one fused softmax kernel.
 
-    The softmax is exact for every row (its largest entry is ``1 / total >= 1 / K``), and
+    Entries more than ``-_EXP_FLOOR`` nats below their row's largest are first raised to that bound (``exp`` of
+    anything lower is far below float32 resolution of the row's total, and takes ``exp``'s slow path on CPU). The
+    softmax is exact for every row (its largest entry is ``1 / total >= 1 / K``), and
     ``logsumexp = max - log(largest softmax entry)``.
     """
     row_max = logits.amax(dim=1)
+    torch.maximum(logits, (row_max + _EXP_FLOOR)[:, None], out=logits)
     probabilities = torch.softmax(logits, dim=1)
     # softmax's largest entry is exp(0) / total, so log(total) = -log(that entry).
     return probabilities, row_max - probabilities.amax(dim=1).log()
@@ -372,145 +447,213 @@ def _combine_moments(counts, means, squares):
     return total, mean, (squares + counts * (means - mean) ** 2).sum()
 
 
-def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cache, chunk_rows):
-    device = features.device
-    num_rows, dim = features.shape
-    num_codes = codebook.shape[0]
-    distances = _Distances(features, codebook, group)
-    plan = _Plan(distances, num_rows, chunk_rows, cache)
-    f64 = dict(dtype=torch.float64, device=device)
+def _reduce_scaled(values: torch.Tensor, log_scale: float, group):
+    """All-reduce (sum) ``values * exp(log_scale)`` over ranks whose scales differ: returns ``(sum, common scale)``."""
+    if group is None:
+        return values, log_scale
+    top = _all_reduce(torch.tensor([log_scale], dtype=torch.float64, device=values.device), "max", group)
+    common = float(top[0])
+    factor = math.exp(log_scale - common) if log_scale > -math.inf else 0.0
+    return _all_reduce(values * factor, "sum", group), common
 
-    total_rows = int(_all_reduce(torch.tensor([num_rows], **f64), "sum", group)[0].item())
+
+def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
+    """Pass 0 and the cost's affine map: returns ``(cost_scale, shift, row_min, pivot)``.
+
+    The logits are ``-cost_scale * (lambda * D - shift)``; ``shift`` is the global minimum of ``lambda * D`` where pass
+    0 runs (always when caching, for ``"all"`` when streaming) and 0 otherwise (a constant shift cancels). Pass 0
+    subtracts ``pivot`` from every block in place, so the cache holds ``lambda * D - pivot`` from then on, and
+    ``row_min`` (float32, ``None`` without pass 0) holds each row's smallest ``lambda * D - pivot``.
+    """
+    device = distances.features.device
+    num_rows, dim = distances.features.shape
+    num_codes = plan.num_codes
+    f64 = dict(dtype=torch.float64, device=device)
+    if plan.cache is None and normalization != "all":
+        divisor = math.sqrt(dim) if normalization == "dim" else 1.0
+        return min(epsilon / (distances.scale * divisor), _MAX_COST_SCALE), 0.0, None, 0.0
+
+    # Shifted sums around a pivot p = sqrt(E[D^2]) (closed form, this rank's rows): since |mean(D) - p| <= std(D),
+    # there is no cancellation. Ranks combine by Chan et al.'s formula. The mean is a constant shift of the cost and
+    # cancels: only the std and the minimum are used.
+    pivot = 0.0
+    if num_rows > 0 and normalization == "all":
+        mean_sq = (
+            distances.feature_sq.mean()
+            + distances.code_sq.mean()
+            - 2 * distances.features.mean(dim=0) @ distances.codebook.mean(dim=0)
+        )
+        pivot = math.sqrt(max(float(mean_sq), 0.0))
+    first = torch.zeros((), **f64)
+    second = torch.zeros((), **f64)
+    row_min = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    for start, stop, block in plan.blocks():
+        if pivot:
+            block.sub_(pivot)  # the cache keeps x - p; a streamed block is recomputed on the next pass anyway
+        torch.amin(block, dim=1, out=row_min[start:stop])
+        if normalization == "all":
+            flat = block.flatten()
+            first += flat.sum().double()
+            second += torch.dot(flat, flat).double()
+    if normalization != "all":  # no shift: the first normalization's guard sees the unshifted total
+        divisor = math.sqrt(dim) if normalization == "dim" else 1.0
+        return min(epsilon / (distances.scale * divisor), _MAX_COST_SCALE), 0.0, row_min, pivot
+    # in float64, every rank's row minima in the same (uncentered) coordinates
+    minimum = row_min.amin().double().reshape(1) + pivot if num_rows > 0 else torch.full((1,), math.inf, **f64)
+    minimum = float(_all_reduce(minimum, "min", group)[0])
+
+    local_count = num_rows * num_codes
+    counts = torch.tensor([local_count], **f64)
+    means = pivot + first / max(local_count, 1)
+    squares = second - first**2 / max(local_count, 1)
+    count, mean, square = _combine_moments(counts, means.reshape(1), squares.reshape(1))
+    if group is not None:
+        global_mean = _all_reduce(torch.stack([count * mean, count]), "sum", group)
+        global_mean = global_mean[0] / global_mean[1]
+        square = _all_reduce((square + count * (mean - global_mean) ** 2).reshape(1), "sum", group)[0]
+    entries = total_rows * num_codes
+    spread = math.sqrt(max(float(square), 0.0) / (entries - 1)) if entries > 1 else 0.0  # std of lambda * D
+    # A = (D - min D) / (std D + 1e-6) = (lambda D - lambda min D) / (std(lambda D) + 1e-6 lambda)
+    cost_scale = min(epsilon / (spread + 1e-6 * distances.scale), _MAX_COST_SCALE)
+    return cost_scale, minimum, row_min, pivot
+
+
+def _sinkhorn(
+    features, codebook, epsilon, num_iters, normalization, group, cache, chunk_rows, block_entries, workspace
+):
+    device = features.device
+    num_rows = features.shape[0]
+    distances = _Distances(features, codebook, group)
+    plan = _Plan(distances, num_rows, chunk_rows, cache, block_entries, workspace)
+    total_rows = int(_all_reduce(torch.tensor([num_rows], dtype=torch.float64, device=device), "sum", group)[0])
     if total_rows == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
+    cost_scale, shift, row_min, pivot = _cost_map(distances, plan, normalization, epsilon, group, total_rows)
+    if plan.cache is not None:
+        return _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows)
+    return _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows)
 
-    # ---- pass 0 (cached path or "all"): fill the cache, each row's minimum distance, the statistics ----------
-    need_pass0 = plan.cache is not None or normalization == "all"
-    row_min = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    if need_pass0:
-        # Shifted sums around a pivot p = sqrt(E[D^2]) (closed form, this rank's rows): since |mean(D) - p| <=
-        # std(D), there is no cancellation. Ranks combine by Chan et al.'s formula. The mean is a constant shift of
-        # the cost and cancels: only the std and the minimum are used.
-        pivot = 0.0
-        if num_rows > 0 and normalization == "all":
-            mean_sq = (
-                distances.feature_sq.mean()
-                + distances.code_sq.mean()
-                - 2 * distances.features.mean(dim=0) @ distances.codebook.mean(dim=0)
-            )
-            pivot = math.sqrt(max(float(mean_sq), 0.0))
-        first = torch.zeros(1, **f64)
-        second = torch.zeros(1, **f64)
-        for start, stop, block in plan.blocks():
-            torch.amin(block, dim=1, out=row_min[start:stop])
-            if normalization == "all":
-                centered = (block - pivot).flatten()
-                first += centered.sum().double()
-                second += torch.dot(centered, centered).double()
 
-    # ---- the cost's affine map: logits = -k * (lambda * D - shift) ------------------------------------------
-    if normalization == "all":
-        local_count = num_rows * num_codes
-        counts = torch.tensor([local_count], **f64)
-        means = pivot + first / max(local_count, 1)
-        squares = second - first**2 / max(local_count, 1)
-        count, mean, square = _combine_moments(counts, means, squares)
-        if group is not None:
-            global_mean = _all_reduce(torch.stack([count * mean, count]), "sum", group)
-            global_mean = global_mean[0] / global_mean[1]
-            square = _all_reduce((square + count * (mean - global_mean) ** 2).reshape(1), "sum", group)[0]
-        minimum = row_min.amin().reshape(1) if num_rows > 0 else torch.full((1,), math.inf, device=device)
-        minimum = _all_reduce(minimum, "min", group)
-        entries = total_rows * num_codes
-        spread = math.sqrt(max(float(square), 0.0) / (entries - 1)) if entries > 1 else 0.0  # std of lambda * D
-        # A = (D - min D) / (std D + 1e-6) = (lambda D - lambda min D) / (std(lambda D) + 1e-6 lambda)
-        cost_scale = epsilon / (spread + 1e-6 * distances.scale)
-        shift = float(minimum[0])
-    else:
-        divisor = math.sqrt(dim) if normalization == "dim" else 1.0
-        cost_scale = epsilon / (distances.scale * divisor)
-        shift = 0.0
-    cost_scale = min(cost_scale, _MAX_COST_SCALE)
-    log_rows, log_codes = math.log(total_rows), math.log(num_codes)
+def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows):
+    """The recursion in scaling-vector form on the cached, row-stabilized kernel.
+
+    With the plan's true row and code potentials ``a``, ``b`` (float64, as in the log-domain path), the cache holds
+    the kernel ``G[i, j] = exp(sigma + logits[i, j] + c[j] - m[i])`` for the code potentials ``c`` of the last time
+    it was built and its row maxima ``m`` (so each row's largest entry is ``e^sigma``), and the plan is
+    ``Q[i, j] = G[i, j] * exp(a[i] + m[i] - sigma) * exp(b[j] - c[j])``. A pass is one matrix-vector product per
+    block for the row totals (``G @ exp(b - c)``) and one for the code totals (``G^T @ exp(a + m)``): no ``exp`` or
+    ``log`` of plan-sized data. Once ``b - c`` spans more than ``_CODE_SPREAD`` nats, the kernel is rebuilt from the
+    distances with ``c = b``. See docs/sinkhorn.md for why nothing that float32 drops can matter.
+    """
+    num_rows, num_codes = plan.num_rows, plan.num_codes
+    device = plan.cache.device
+    f64 = dict(dtype=torch.float64, device=device)
     guard = torch.tensor(_LOG_GUARD, **f64)
+    log_rows, log_codes = math.log(total_rows), math.log(num_codes)
+    # a block's row sums (K terms <= e^sigma) and code totals (block rows terms, weights <= 1) stay finite
+    sigma = _FLOAT32_LOG_MAX - 1.0 - math.log(max(plan.rows, num_codes))
+    headroom = torch.tensor(sigma, dtype=torch.float32, device=device)
+    row_sums = torch.empty(num_rows, dtype=torch.float32, device=device)
+    row_max = torch.empty(num_rows, dtype=torch.float32, device=device)
 
-    # ---- cached path: turn the cache into the row-stabilized kernel G = exp(logits - row max) -----------------
-    # Every pass then is a matrix-vector product on G (scaling-vector Sinkhorn); the exact log-domain pass below
-    # remains the fallback whenever the potentials spread too far for float32 scaling vectors (see docs).
-    kernel = plan.cache is not None
-    row_logit_max = (row_min.double() - shift) * (-cost_scale)  # max_j logits[i, j]
-    if kernel:
+    def rebuild_kernel(code_potentials):
+        """Rebuild ``G`` in the cache from the distances for ``c = code_potentials``; return ``m`` (float64)."""
+        offset = (code_potentials - code_potentials.max() + cost_scale * shift).float()
         for start, stop, block in plan.blocks():
-            block.sub_(row_min[start:stop, None]).mul_(-cost_scale).exp_()
-            torch.threshold_(block, _KERNEL_FLOOR, 0.0)  # no subnormals: < e^-85 of the row's largest entry
+            # c[j] - k * (lambda D[i, j] - shift), from freshly computed distances
+            torch.add(offset, plan.distances.block(start, stop, out=block), alpha=-cost_scale, out=block)
+            top = torch.amax(block, dim=1, out=row_max[start:stop])
+            block.sub_(top[:, None]).add_(headroom).clamp_min_(_EXP_FLOOR).exp_()
+        return row_max.double() + code_potentials.max()
+
+    # ---- pass 1: the kernel (the cache holds x - pivot; m is known from pass 0), the initial totals -------------
+    kernel_rows = (row_min.double() + pivot - shift) * (-cost_scale)
+    top = float(kernel_rows.max())
+    weights = torch.exp(kernel_rows - top).float()
+    column = torch.zeros(num_codes, **f64)
+    for start, stop, block in plan.blocks():
+        torch.add(headroom, block.sub_(row_min[start:stop, None]), alpha=-cost_scale, out=block)
+        block.clamp_min_(_EXP_FLOOR).exp_()
+        torch.sum(block, dim=1, out=row_sums[start:stop])
+        column += (block.t() @ weights[start:stop]).double()
+    total = (row_sums.double() * weights.double()).sum()
+    packed, top = _reduce_scaled(torch.cat([column, total.reshape(1)]), top, group)
+    column, total = packed[:-1], packed[-1]
+    # Q = exp(logits) / (sum + 1e-8), where exp(logits[i, j]) = G[i, j] exp(m[i] - sigma)
+    log_norm = torch.logaddexp(torch.log(total) + top - sigma, guard)
+    row_potentials = (-log_norm).expand(num_rows).clone()
+    log_columns = torch.log(column) + (top - sigma) - log_norm
+    code_potentials = torch.zeros(num_codes, **f64)
+    kernel_codes = torch.zeros(num_codes, **f64)
+
+    ids = torch.empty(num_rows, dtype=torch.long, device=device)
+    for iteration in range(num_iters):
+        code_potentials -= torch.logaddexp(log_columns, guard) + log_codes  # code normalization
+        pending = code_potentials - kernel_codes
+        if iteration < num_iters - 1 and float(pending.max() - pending.min()) > _CODE_SPREAD:
+            kernel_rows = rebuild_kernel(code_potentials)
+            kernel_codes = code_potentials.clone()
+            pending = torch.zeros_like(pending)
+        pending_top, pending_bottom = pending.max(), pending.min()
+        factors = torch.exp(pending - pending_top).float()
+        if iteration == num_iters - 1:
+            # the last row normalization does not move any row's argmax: argmax_j G[i, j] exp(b[j] - c[j])
+            for start, stop, block in plan.blocks():
+                torch.argmax(block.mul_(factors), dim=1, out=ids[start:stop])
+            return ids
+        # Each row of G has an entry e^sigma, so after its normalization a[i] + m[i] - sigma <= this bound and the
+        # code totals' weights exp(a + m - sigma - bound) are at most 1.
+        bound = float(-log_rows - sigma - pending_bottom)
+        row_scales = kernel_rows - sigma
+        column = torch.zeros(num_codes, **f64)
+        for start, stop, block in plan.blocks():
+            sums = torch.mv(block, factors, out=row_sums[start:stop])
+            potentials = row_potentials[start:stop]
+            scale = row_scales[start:stop]
+            # row normalization, then this block's share of the next code totals
+            potentials -= torch.logaddexp(potentials + scale + pending_top + sums.double().log(), guard) + log_rows
+            column += (block.t() @ torch.exp(potentials + scale - bound).float()).double()
+        column, column_scale = _reduce_scaled(column, bound, group)
+        log_columns = torch.log(column) + column_scale + pending
+    return ids  # num_iters == 0 is nearest neighbour, handled by the caller
+
+
+def _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows):
+    """Streaming path: the same recursion on row and code potentials, every pass recomputing its logits from the
+    distances block by block (exact log domain: one ``softmax`` per block, no plan-sized buffer)."""
+    num_rows, num_codes = plan.num_rows, plan.num_codes
+    device = plan.distances.features.device
+    f64 = dict(dtype=torch.float64, device=device)
+    guard = torch.tensor(_LOG_GUARD, **f64)
+    log_rows, log_codes = math.log(total_rows), math.log(num_codes)
 
     def logit_blocks(code_potentials):
-        """Yield ``(start, stop, b[j] + logits[i, j])`` in float32, from distances or from the kernel."""
-        if kernel:
-            shifted = code_potentials.float()
-            for start, stop, block in plan.blocks():
-                yield start, stop, torch.log(block).add_(row_logit_max[start:stop, None].float()).add_(shifted)
-        else:
-            offset = (code_potentials + cost_scale * shift).float()
-            for start, stop, block in plan.blocks():
-                # b[j] - k * (lambda D[i, j] - shift); the offset carries + k * shift.
-                yield start, stop, torch.add(offset, block, alpha=-cost_scale)
+        """Yield ``(start, stop, b[j] + logits[i, j])`` in float32."""
+        offset = (code_potentials + cost_scale * shift).float()
+        for start, stop, block in plan.blocks():
+            # b[j] - k * (lambda D[i, j] - shift); the offset carries + k * shift.
+            yield start, stop, torch.add(offset, block, alpha=-cost_scale)
 
-    def log_domain_columns(code_potentials, row_potentials, update_rows):
-        """One exact log-domain pass: optionally the row normalization, then the (local) code totals."""
-        column = torch.zeros(num_codes, **f64)
-        for start, stop, block in logit_blocks(code_potentials):
-            probabilities, log_totals = _log_row_totals(block)
-            if update_rows:
-                log_row_total = row_potentials[start:stop] + log_totals.double()
-                row_potentials[start:stop] -= torch.logaddexp(log_row_total, guard) + log_rows
-            # each row's total, spread over its codes by the softmax
-            weights = torch.exp(row_potentials[start:stop] + log_totals.double()).float()
-            column += (probabilities.t() @ weights).double()
-        return column
-
-    def kernel_columns(row_scale):
-        """Code totals ``sum_i G[i, j] exp(row_scale[i])`` (without the codes' own scale) if float32 holds them."""
-        if num_rows == 0:
-            return torch.zeros(num_codes, **f64)
-        top = row_scale.max()
-        if float(top - row_scale.min()) > _ROW_SPREAD:
-            return None
-        weights = torch.exp(row_scale - top).float()
-        return (plan.cache.t() @ weights).double() * torch.exp(top)
-
-    # ---- pass 1: the initial plan's total and code totals ------------------------------------------------------
-    column = kernel_columns(row_logit_max) if kernel else None
-    if column is not None:
-        running_max = float(row_logit_max.max()) if num_rows > 0 else -math.inf
-        total = (plan.cache.sum(dim=1).double() * torch.exp(row_logit_max - running_max)).sum() if num_rows else (
-            torch.zeros((), **f64)
-        )
-        column = column * math.exp(-running_max) if num_rows > 0 else column
-    else:
-        column = torch.zeros(num_codes, **f64)
-        total = torch.zeros((), **f64)
-        running_max = -math.inf
-        for _, _, block in logit_blocks(torch.zeros(num_codes, **f64)):
-            probabilities, log_totals = _log_row_totals(block)
-            block_max = float(log_totals.max())
-            if block_max > running_max:  # a running maximum keeps exp in range (an online softmax)
-                if running_max > -math.inf:
-                    factor = math.exp(running_max - block_max)
-                    column *= factor
-                    total *= factor
-                running_max = block_max
-            weights = torch.exp(log_totals - running_max)
-            total += weights.sum(dtype=torch.float64)
-            column += (probabilities.t() @ weights).double()
-    if group is not None:
-        global_max = _all_reduce(torch.tensor([running_max], **f64), "max", group)
-        factor = torch.exp(torch.tensor(running_max, **f64) - global_max) if num_rows > 0 else global_max.new_zeros(1)
-        packed = _all_reduce(torch.cat([column, total.reshape(1)]) * factor, "sum", group)
-        column, total, running_max = packed[:-1], packed[-1], float(global_max[0])
+    # ---- pass 1: the initial plan's total and code totals (a running maximum keeps exp in range) ---------------
+    column = torch.zeros(num_codes, **f64)
+    total = torch.zeros((), **f64)
+    running_max = -math.inf
+    for _, _, block in logit_blocks(torch.zeros(num_codes, **f64)):
+        probabilities, log_totals = _log_row_totals(block)
+        block_max = float(log_totals.max())
+        if block_max > running_max:
+            if running_max > -math.inf:
+                factor = math.exp(running_max - block_max)
+                column *= factor
+                total *= factor
+            running_max = block_max
+        weights = torch.exp(log_totals - running_max)
+        total += weights.sum(dtype=torch.float64)
+        column += (probabilities.t() @ weights).double()
+    packed, running_max = _reduce_scaled(torch.cat([column, total.reshape(1)]), running_max, group)
+    column, total = packed[:-1], packed[-1]
     # Q / (sum(Q) + 1e-8): the same row potential for every row.
-    log_total = torch.log(total) + running_max
-    initial_row = -torch.logaddexp(log_total, guard)
+    initial_row = -torch.logaddexp(torch.log(total) + running_max, guard)
     log_columns = torch.log(column) + running_max + initial_row
     row_potentials = initial_row.expand(num_rows).clone()
     code_potentials = torch.zeros(num_codes, **f64)
@@ -520,34 +663,22 @@ def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cach
         code_potentials -= torch.logaddexp(log_columns, guard) + log_codes
         if iteration == num_iters - 1:
             break  # the last row normalization does not move any row's argmax
-        code_top = code_potentials.max()
-        column = None
-        if kernel and float(code_top - code_potentials.min()) <= _CODE_SPREAD:
-            if num_rows > 0:
-                # row totals: sum_j G[i, j] exp(b[j]); every row's largest entry keeps its sum >= exp(-spread)
-                sums = plan.cache @ torch.exp(code_potentials - code_top).float()
-                log_row_total = row_potentials + row_logit_max + code_top + sums.double().log()
-                row_potentials -= torch.logaddexp(log_row_total, guard) + log_rows
-            column = kernel_columns(row_potentials + row_logit_max)
-            if column is None:
-                column = log_domain_columns(code_potentials, row_potentials, update_rows=False)
-            else:
-                column = column * torch.exp(code_potentials)
-        else:
-            column = log_domain_columns(code_potentials, row_potentials, update_rows=True)
-        column = _all_reduce(column, "sum", group)
-        log_columns = torch.log(column)
+        column = torch.zeros(num_codes, **f64)
+        for start, stop, block in logit_blocks(code_potentials):
+            probabilities, log_totals = _log_row_totals(block)
+            log_row_total = row_potentials[start:stop] + log_totals.double()
+            row_potentials[start:stop] -= torch.logaddexp(log_row_total, guard) + log_rows
+            # each row's total, spread over its codes by the softmax
+            weights = torch.exp(row_potentials[start:stop] + log_totals.double()).float()
+            column += (probabilities.t() @ weights).double()
+        # same collectives as the cached path (ranks may take different paths)
+        column, column_log_scale = _reduce_scaled(column, 0.0, group)
+        log_columns = torch.log(column) + column_log_scale
 
     # ---- assignment: argmax_j of the log plan (row potentials do not move it) --------------------------------
     ids = torch.empty(num_rows, dtype=torch.long, device=device)
-    code_top = code_potentials.max()
-    if kernel and float(code_top - code_potentials.min()) <= _CODE_SPREAD:
-        scale = torch.exp(code_potentials - code_top).float()
-        for start, stop, block in plan.blocks():
-            torch.argmax(block * scale, dim=1, out=ids[start:stop])
-    else:
-        for start, stop, block in logit_blocks(code_potentials):
-            torch.argmax(block, dim=1, out=ids[start:stop])
+    for start, stop, block in logit_blocks(code_potentials):
+        torch.argmax(block, dim=1, out=ids[start:stop])
     return ids
 
 
