@@ -888,7 +888,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         if args.push_to_hub:
             metrics["hub_repo_id"] = push_to_hub(args, output_dir)
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-        summary = [f"\nOptVQ training done: {global_step} steps in {train_time:.0f} s "
+        label = {"optvq": "OptVQ", "vq": "VQ", "otvae": "OT-VAE"}.get(config.quantizer_type, config.quantizer_type)
+        summary = [f"\n{label} training done: {global_step} steps in {train_time:.0f} s "
                    f"({metrics['seconds_per_step']:.3f} s/step).",
                    f"  model (save_pretrained): {os.path.abspath(output_dir)}"]
         if "psnr" in metrics:

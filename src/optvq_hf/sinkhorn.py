@@ -50,9 +50,12 @@ VALID_NORMALIZATIONS = ("all", "dim", "none")
 DEFAULT_DENSE_LIMIT = 1 << 28
 
 # Rows of distances are computed in chunks of about this many entries (64 MiB of float32: a matmul needs a few
-# hundred rows to run at full speed) and processed in blocks of about _BLOCK_ENTRIES (4 MiB, cache-sized).
+# hundred rows to run at full speed) and processed in blocks of about _BLOCK_ENTRIES (on CPU 16 MiB: within the last
+# level cache, and few enough parallel ops that passive OpenMP waiting costs little; on accelerators, where every
+# block costs kernel launches instead, 256 MiB).
 _CHUNK_ENTRIES = 1 << 24
-_BLOCK_ENTRIES = 1 << 20
+_BLOCK_ENTRIES = 1 << 22
+_ACCELERATOR_BLOCK_ENTRIES = 1 << 26
 # Below this code dimension, distances are computed coordinate by coordinate (exact differences, no matmul).
 _DIRECT_MAX_DIM = 4
 # The reference implementation adds this to every total before dividing by it.
@@ -418,7 +421,7 @@ def sinkhorn_assign(
             group,
             not streaming,
             _chunk_rows(num_codes, block_size),
-            _BLOCK_ENTRIES,
+            _BLOCK_ENTRIES if device.type == "cpu" else _ACCELERATOR_BLOCK_ENTRIES,
             workspace,
         )
 
