@@ -29,6 +29,7 @@ or from the features themselves in the streaming path), so no ``N x K`` plan is 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -50,11 +51,15 @@ VALID_NORMALIZATIONS = ("all", "dim", "none")
 DEFAULT_DENSE_LIMIT = 1 << 28
 
 # Rows of distances are computed in chunks of about this many entries (64 MiB of float32: a matmul needs a few
-# hundred rows to run at full speed) and processed in blocks of about _BLOCK_ENTRIES (on CPU 16 MiB: within the last
-# level cache, and few enough parallel ops that passive OpenMP waiting costs little; on accelerators, where every
-# block costs kernel launches instead, 256 MiB).
+# hundred rows to run at full speed) and processed in blocks of about _block_entries() entries. On CPU the block size
+# trades cache locality against the number of parallel ops, each of which ends in an OpenMP barrier: when another
+# process competes for the cores, a barrier with spinning threads (OpenMP's default) can cost a scheduler slice, and
+# 16 MiB blocks were 2.3x slower than 64 MiB ones at both benchmark shapes; with OMP_WAIT_POLICY=PASSIVE (set by
+# examples/run_train.py) 16 MiB blocks were 10-15% faster idle and as fast under contention (docs/benchmarks.md).
+# On accelerators every block costs kernel launches instead: 256 MiB.
 _CHUNK_ENTRIES = 1 << 24
-_BLOCK_ENTRIES = 1 << 22
+_BLOCK_ENTRIES = 1 << 24
+_PASSIVE_BLOCK_ENTRIES = 1 << 22
 _ACCELERATOR_BLOCK_ENTRIES = 1 << 26
 # Below this code dimension, distances are computed coordinate by coordinate (exact differences, no matmul).
 _DIRECT_MAX_DIM = 4
@@ -213,6 +218,13 @@ class _Distances:
         return out.clamp_min_(0.0).sqrt_()
 
 
+def _block_entries(device: torch.device) -> int:
+    if device.type != "cpu":
+        return _ACCELERATOR_BLOCK_ENTRIES
+    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+    return _PASSIVE_BLOCK_ENTRIES if passive else _BLOCK_ENTRIES
+
+
 def _chunk_rows(num_codes: int, block_size: int | None) -> int:
     return int(block_size) if block_size is not None else max(1, _CHUNK_ENTRIES // num_codes)
 
@@ -311,6 +323,9 @@ class _Plan:
         self.num_rows = num_rows
         self.num_codes = distances.codebook.shape[0]
         self.chunk_rows = max(1, min(chunk_rows, num_rows))
+        if not cache and distances.features.device.type == "cpu":
+            # a streamed pass allocates its logits per block: below glibc's mmap threshold they reuse heap memory
+            block_entries = min(block_entries, _PASSIVE_BLOCK_ENTRIES)
         self.rows = max(1, min(self.chunk_rows, block_entries // self.num_codes))
         if distances.direct:  # no matmul to keep busy: compute distances block by block
             self.chunk_rows = self.rows
@@ -421,7 +436,7 @@ def sinkhorn_assign(
             group,
             not streaming,
             _chunk_rows(num_codes, block_size),
-            _BLOCK_ENTRIES if device.type == "cpu" else _ACCELERATOR_BLOCK_ENTRIES,
+            _block_entries(device),
             workspace,
         )
 
@@ -634,8 +649,9 @@ def _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows):
         """Yield ``(start, stop, b[j] + logits[i, j])`` in float32."""
         offset = (code_potentials + cost_scale * shift).float()
         for start, stop, block in plan.blocks():
-            # b[j] - k * (lambda D[i, j] - shift); the offset carries + k * shift.
-            yield start, stop, torch.add(offset, block, alpha=-cost_scale)
+            # b[j] - k * (lambda D[i, j] - shift), in place (a streamed block is recomputed on every pass); the
+            # offset carries + k * shift.
+            yield start, stop, torch.add(offset, block, alpha=-cost_scale, out=block)
 
     # ---- pass 1: the initial plan's total and code totals (a running maximum keeps exp in range) ---------------
     column = torch.zeros(num_codes, **f64)
