@@ -152,6 +152,29 @@ def test_workspace_is_reused_grown_and_never_copied():
         sinkhorn_assign(features, codebook, workspace=torch.empty(300 * 40))
 
 
+def test_workspace_shared_by_threads_does_not_race():
+    import threading
+
+    workspace = SinkhornWorkspace()
+    cases = [_data(400 + 37 * index, 48, 3, seed=index) for index in range(4)]
+    expected = [sinkhorn_assign(features, codebook) for features, codebook in cases]
+    results, sizes = {}, {}
+
+    def work(index):
+        for _ in range(3):
+            results[index] = sinkhorn_assign(*cases[index], workspace=workspace)
+        sizes[index] = workspace.buffer.numel()  # this thread's own buffer, sized for its own rows
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(results[index], expected[index]) for index in range(4))
+    assert sizes == {index: (400 + 37 * index) * 48 for index in range(4)}
+    assert workspace.buffer is None  # this thread never ran a cached call with it
+
+
 def test_quantizer_keeps_its_workspace_out_of_state_and_copies():
     import copy
 

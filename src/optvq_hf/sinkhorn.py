@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -279,24 +280,31 @@ class SinkhornWorkspace:
     A fresh ``N x K`` allocation is paid for again on every call: on CPU the first write to each of its pages costs
     about as much as the distance matmul itself (CUDA's caching allocator already avoids this). Pass the same
     workspace to every call to keep one buffer instead; it grows to the largest ``N * K`` seen and is freed with
-    :meth:`release` or with the workspace. It is never copied (``copy.deepcopy`` and pickling give an empty one),
-    so an EMA copy or a checkpoint of a module holding one costs nothing. `OptVQQuantizer` keeps one.
+    :meth:`release` or with the workspace. Each thread gets its own buffer, so a module shared by threads (serving,
+    `nn.DataParallel` replicas) never races on it. It is never copied (``copy.deepcopy`` and pickling give an empty
+    one), so an EMA copy or a checkpoint of a module holding one costs nothing. `OptVQQuantizer` keeps one.
     """
 
     def __init__(self):
-        self.buffer: torch.Tensor | None = None
+        self._local = threading.local()
+
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """This thread's buffer (flat float32), or `None` before the first cached call."""
+        return getattr(self._local, "buffer", None)
 
     def get(self, num_rows: int, num_codes: int, device: torch.device) -> torch.Tensor:
-        """A float32 ``(num_rows, num_codes)`` view of the buffer (reallocated if too small or elsewhere)."""
+        """A float32 ``(num_rows, num_codes)`` view of this thread's buffer (reallocated if too small or elsewhere)."""
         needed = num_rows * num_codes
-        if self.buffer is None or self.buffer.device != torch.device(device) or self.buffer.numel() < needed:
-            self.buffer = None  # free the old one first
-            self.buffer = torch.empty(needed, dtype=torch.float32, device=device)
-        return self.buffer[:needed].view(num_rows, num_codes)
+        buffer = self.buffer
+        if buffer is None or buffer.device != torch.device(device) or buffer.numel() < needed:
+            self._local.buffer = None  # free the old one first
+            buffer = self._local.buffer = torch.empty(needed, dtype=torch.float32, device=device)
+        return buffer[:needed].view(num_rows, num_codes)
 
     def release(self):
-        """Free the buffer (the next call allocates again)."""
-        self.buffer = None
+        """Free this thread's buffer (the next call allocates again)."""
+        self._local.buffer = None
 
     def __deepcopy__(self, memo):
         return SinkhornWorkspace()
@@ -305,7 +313,7 @@ class SinkhornWorkspace:
         return {}
 
     def __setstate__(self, state):
-        self.buffer = None
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         size = 0 if self.buffer is None else self.buffer.numel() * 4
