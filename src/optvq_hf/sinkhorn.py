@@ -121,8 +121,10 @@ def _validate_pair(features: torch.Tensor, codebook: torch.Tensor, name: str):
         raise ValueError(f"features and codebook must be floating point, got {features.dtype} and {codebook.dtype}.")
 
 
-def _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size):
+def _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace):
     _validate_pair(features, codebook, "sinkhorn_assign")
+    if workspace is not None and not isinstance(workspace, SinkhornWorkspace):
+        raise ValueError(f"`workspace` must be a SinkhornWorkspace or None, got {type(workspace).__name__}.")
     if normalization not in VALID_NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
     if not (epsilon > 0 and math.isfinite(epsilon)):
@@ -421,7 +423,7 @@ def sinkhorn_assign(
     Returns:
         `torch.LongTensor` of shape `(N,)`: the code index of every row.
     """
-    _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size)
+    _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace)
     group = _resolve_group(process_group)
     device = features.device
     num_rows, num_codes = features.shape[0], codebook.shape[0]
@@ -432,8 +434,6 @@ def sinkhorn_assign(
         return euclidean_argmin(features, codebook, block_size)
     if streaming == "auto":
         streaming = num_rows * num_codes > dense_limit
-    if workspace is not None and not isinstance(workspace, SinkhornWorkspace):
-        raise ValueError(f"`workspace` must be a SinkhornWorkspace or None, got {type(workspace).__name__}.")
     with _no_autocast(device):
         return _sinkhorn(
             features.detach().float(),
@@ -495,9 +495,10 @@ def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
     num_rows, dim = distances.features.shape
     num_codes = plan.num_codes
     f64 = dict(dtype=torch.float64, device=device)
+    # "dim" and "none" have a fixed scale and no shift (the first normalization's guard sees the unshifted total)
+    fixed_scale = epsilon / (distances.scale * (math.sqrt(dim) if normalization == "dim" else 1.0))
     if plan.cache is None and normalization != "all":
-        divisor = math.sqrt(dim) if normalization == "dim" else 1.0
-        return min(epsilon / (distances.scale * divisor), _MAX_COST_SCALE), 0.0, None, 0.0
+        return min(fixed_scale, _MAX_COST_SCALE), 0.0, None, 0.0
 
     # Shifted sums around a pivot p = sqrt(E[D^2]) (closed form, this rank's rows): since |mean(D) - p| <= std(D),
     # there is no cancellation. Ranks combine by Chan et al.'s formula. The mean is a constant shift of the cost and
@@ -521,9 +522,8 @@ def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
             flat = block.flatten()
             first += flat.sum().double()
             second += torch.dot(flat, flat).double()
-    if normalization != "all":  # no shift: the first normalization's guard sees the unshifted total
-        divisor = math.sqrt(dim) if normalization == "dim" else 1.0
-        return min(epsilon / (distances.scale * divisor), _MAX_COST_SCALE), 0.0, row_min, pivot
+    if normalization != "all":
+        return min(fixed_scale, _MAX_COST_SCALE), 0.0, row_min, pivot
     # in float64, every rank's row minima in the same (uncentered) coordinates
     minimum = row_min.amin().double().reshape(1) + pivot if num_rows > 0 else torch.full((1,), math.inf, **f64)
     minimum = float(_all_reduce(minimum, "min", group)[0])
