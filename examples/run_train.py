@@ -908,12 +908,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
 
 def _release_accelerate_state(accelerator):
-    """Let a later `main()` in the same (single) process choose other Accelerate settings (e.g. mixed precision)."""
+    """Let a later `main()` in the same (single) process choose other Accelerate settings (e.g. mixed precision);
+    with several processes, shut the process group down (exiting with a live gloo group can hang at exit)."""
     if accelerator.num_processes == 1:
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    else:
+        accelerator.state.destroy_process_group()
 
 
 def _skip(loader, count):
