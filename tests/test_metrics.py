@@ -16,6 +16,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import optvq_hf.metrics as metrics
 from optvq_hf.metrics import functional
 from optvq_hf.metrics.networks import ImageFeatureExtractor, LPIPSNetwork
+from training_helpers import free_port
 
 
 def _pair(seed=0, shape=(5, 3, 24, 20), noise=0.2):
@@ -246,7 +247,7 @@ def test_two_process_reduction_is_exact(tmp_path):
     script.write_text(_DISTRIBUTED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
          str(script), str(tmp_path / "cache")],
         capture_output=True, text=True, env=env, timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]

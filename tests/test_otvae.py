@@ -11,6 +11,7 @@ import torch
 
 from optvq_hf import OptVQConfig, OptVQModel, OptVQQuantizer
 from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+from training_helpers import free_port
 
 
 def _plain_sinkhorn_targets(features, codebook, epsilon, num_iters):
@@ -161,7 +162,8 @@ def test_targets_cover_the_global_batch_across_two_processes(tmp_path):
     script = tmp_path / "dist_otvae.py"
     script.write_text(_DIST)
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+         str(free_port()), str(script)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]
     error = float(next(l for l in completed.stdout.splitlines() if l.startswith("MAXERR")).split()[1])

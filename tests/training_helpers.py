@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 
 import numpy as np
@@ -13,6 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
+
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so that concurrent multi-process tests never share a rendezvous port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 TINY_OVERRIDES = "codebook_size=32,base_channels=8,latent_channels=8,embed_dim=8,num_heads=4,resolution=16"
 
