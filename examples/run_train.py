@@ -841,7 +841,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if stopped_early:
         logger.info("Stopped after %d steps of this run (step %d of %d); resume with --resume_from_checkpoint latest.",
                     steps_this_run, global_step, max_train_steps)
-        accelerator.end_training()
         _release_accelerate_state(accelerator)
         return {"stopped_at_step": global_step}
 
@@ -902,21 +901,28 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if report_to:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     _release_accelerate_state(accelerator)
     return metrics
 
 
 def _release_accelerate_state(accelerator):
-    """Let a later `main()` in the same (single) process choose other Accelerate settings (e.g. mixed precision);
-    with several processes, shut the process group down (exiting with a live gloo group can hang at exit)."""
+    """End training (trackers stopped, process group destroyed by `end_training`) and let a later `main()` in the same
+    (single) process choose other Accelerate settings (e.g. mixed precision)."""
+    if accelerator.num_processes > 1:
+        # ProcessGroupGloo's destructor (run when its last reference goes, e.g. the DDP model's when main returns)
+        # joins gloo's worker threads while holding the GIL; a worker still releasing the tensors of a finished
+        # collective needs the GIL for that, and the two deadlock (a rank of a 2-process MNIST run hung so after
+        # training, under load). Synchronize, then let the workers go idle (sleeping releases the GIL) first.
+        accelerator.wait_for_everyone()
+        time.sleep(0.5)
+    accelerator.end_training()
     if accelerator.num_processes == 1:
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     else:
-        accelerator.state.destroy_process_group()
+        accelerator.state.destroy_process_group()  # done by end_training in recent accelerate versions
 
 
 def _skip(loader, count):
