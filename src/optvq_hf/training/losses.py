@@ -240,6 +240,20 @@ class OptVQLoss(nn.Module):
         """Whether the GAN terms are on at this optimizer step."""
         return self.uses_gan and global_step >= self.disc_start
 
+    def log_terms(self, output: OptVQLossOutput, global_step: int = 0) -> dict[str, torch.Tensor]:
+        """The parts of a loss output worth logging, by name: for [`generator_loss`]'s, the total (`loss`), every
+        term whose weight is non-zero and, once the GAN is on, `generator` and `generator_weight`; for
+        [`discriminator_loss`]'s, `discriminator`. Training loops log this dict as it comes."""
+        if output.discriminator is not None:
+            return {"discriminator": output.discriminator}
+        weights = {"l1": self.l1_weight, "l2": self.l2_weight, "perceptual": self.perceptual_weight,
+                   "quantization": self.quantization_weight}
+        terms = {"loss": output.loss.detach()}
+        terms.update({name: output[name] for name, weight in weights.items() if weight > 0})
+        if self.gan_active(global_step):
+            terms.update(generator=output.generator, generator_weight=output.generator_weight)
+        return terms
+
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, quantization_loss: torch.Tensor,
                        global_step: int = 0, last_layer_weight: torch.Tensor | None = None,
                        discriminator: nn.Module | None = None) -> OptVQLossOutput:
