@@ -300,6 +300,15 @@ def log_validation(model, images, counts, output_dir: str, step: int) -> tuple[s
     return grid, histogram
 
 
+def backward_and_step(accelerator, loss, module, optimizer, max_grad_norm: float):
+    """Back-propagate (accumulating), clip the gradients of `module` at the optimizer step, step and zero them."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
@@ -541,22 +550,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                     discriminator=bare_discriminator)
                 if bare_discriminator is not None:
                     bare_discriminator.requires_grad_(True)
-                accelerator.backward(losses.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, losses.loss, model, optimizer, args.max_grad_norm)
             loss_means.add(loss_fn.log_terms(losses, global_step))
             if gan_on:
                 with accelerator.accumulate(discriminator):
                     with accelerator.autocast():
                         d_losses = loss_fn.discriminator_loss(pixel_values, output.reconstruction, global_step,
                                                               discriminator=discriminator)
-                    accelerator.backward(d_losses.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
+                    backward_and_step(accelerator, d_losses.loss, discriminator, disc_optimizer, args.max_grad_norm)
                 loss_means.add(loss_fn.log_terms(d_losses, global_step))
             window_counts += output.code_counts.detach().to(window_counts.device)
             if not accelerator.sync_gradients:
