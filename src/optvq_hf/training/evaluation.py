@@ -96,8 +96,9 @@ class RunningMeans:
         names = sorted(self._sums)
         if not names:
             return {}
-        sums = torch.stack([self._sums[name].reshape(()) for name in names]).double()
-        counts = torch.tensor([self._counts[name] for name in names], dtype=torch.float64, device=sums.device)
+        device = next((v.device for v in self._sums.values() if v.device.type != "cpu"), torch.device("cpu"))
+        sums = torch.stack([self._sums[name].reshape(()).to(device) for name in names]).double()
+        counts = torch.tensor([self._counts[name] for name in names], dtype=torch.float64, device=device)
         totals = _all_reduce_sum(torch.cat([sums, counts]), process_group).cpu()
         return {name: float(totals[i] / totals[len(names) + i].clamp_min(1)) for i, name in enumerate(names)}
 
