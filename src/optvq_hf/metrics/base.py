@@ -18,7 +18,7 @@ import evaluate
 import numpy as np
 import torch
 
-from .functional import code_histogram, codebook_statistics, to_unit_images
+from .functional import check_token_range, code_histogram, codebook_statistics, to_unit_images
 
 __all__ = ["PerImageMetric", "NetworkImageMetric", "TokenMetric", "TOKEN_INPUTS_DESCRIPTION", "IMAGE_PAIR_ARGS",
            "NETWORK_INIT_ARGS"]
@@ -188,11 +188,7 @@ class TokenMetric(evaluate.Metric):
         if array.ndim < 1 or array.dtype.kind not in "iu":
             raise ValueError(f"Token ids must be an integer array (B, ...), got dtype {array.dtype}, shape {array.shape}.")
         array = array.reshape(array.shape[0], -1).astype(np.int64)
-        if array.size and (array.min() < 0 or array.max() >= self.codebook_size):
-            raise ValueError(
-                f"Token ids must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), got "
-                f"values in [{array.min()}, {array.max()}]."
-            )
+        check_token_range(array, self.codebook_size)
         super().add_batch(tokens=[row.astype(np.int32) for row in array])
 
     def add(self, *, prediction=None, reference=None, **kwargs):

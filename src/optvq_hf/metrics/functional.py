@@ -144,12 +144,17 @@ def code_histogram(token_ids, codebook_size: int) -> np.ndarray:
     else:
         flat = (token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids))
         flat = flat.astype(np.int64, copy=False).ravel()
-    if flat.size and (flat.min() < 0 or flat.max() >= codebook_size):
+    check_token_range(flat, codebook_size)
+    return np.bincount(flat, minlength=codebook_size).astype(np.int64)
+
+
+def check_token_range(token_ids: np.ndarray, codebook_size: int):
+    """Raise a `ValueError` unless every id of the integer array `token_ids` lies in `[0, codebook_size)`."""
+    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= codebook_size):
         raise ValueError(
             f"Token ids must lie in [0, {codebook_size - 1}] (codebook_size={codebook_size}), got values in "
-            f"[{flat.min()}, {flat.max()}]."
+            f"[{token_ids.min()}, {token_ids.max()}]."
         )
-    return np.bincount(flat, minlength=codebook_size).astype(np.int64)
 
 
 def codebook_statistics(counts) -> dict[str, float]:
