@@ -25,6 +25,7 @@ __all__ = [
     "per_image_ssim",
     "gaussian_kernel_1d",
     "code_histogram",
+    "check_token_range",
     "codebook_statistics",
     "frechet_distance",
     "MAX_PSNR",
