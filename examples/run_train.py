@@ -34,7 +34,48 @@ import warnings
 # spinning threads made a CPU step up to 8x slower in our measurements. Only effective before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import datasets  # noqa: E402
 import torch  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from datasets.distributed import split_dataset_by_node  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel  # noqa: E402
+from optvq_hf.configuration_optvq import PRESETS  # noqa: E402
+from optvq_hf.metrics import codebook_statistics, save_reconstruction_grid, save_usage_histogram  # noqa: E402
+from optvq_hf.model_card import build_model_card  # noqa: E402
+from optvq_hf.training import (  # noqa: E402
+    EMAModel,
+    ImagePreprocessor,
+    OptVQLoss,
+    RunningMeans,
+    accelerate_state_conflicts,
+    augment_batch,
+    augmentation_generator,
+    build_demo_dataset,
+    build_image_dataset,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    checkpoint_step,
+    collate_images,
+    decode_image_column,
+    decode_images,
+    evaluate_reconstruction,
+    find_image_column,
+    initialize_codebook,
+    load_image_dataset,
+    resolve_resume_checkpoint,
+    run_in_fresh_process,
+    save_checkpoint,
+    save_final_model,
+    set_cpu_threads,
+    split_train_and_eval,
+    split_weight_decay,
+    to_pixel_values,
+)
 
 logger = logging.getLogger("optvq_hf.run_train")
 
@@ -222,9 +263,6 @@ def parse_config_overrides(text: str | None) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 def load_model_and_processor(args):
     """The model (new from a preset / config, or pretrained) and its image processor."""
-    from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-    from optvq_hf.configuration_optvq import PRESETS
-
     name = args.model_config_name_or_path
     overrides = parse_config_overrides(args.config_overrides)
     processor = None
@@ -281,9 +319,6 @@ def training_summary(args, description, total_batch, learning_rate, steps, train
 def log_validation(model, images, counts, output_dir: str, step: int) -> tuple[str, str]:
     """Reconstruction grid and code-usage histogram under `output_dir/validation/`, copied to `grid.png` and
     `code_usage.png` (the latest). Main process only."""
-    from optvq_hf.metrics import save_reconstruction_grid, save_usage_histogram
-    from optvq_hf.training import to_pixel_values
-
     folder = os.path.join(output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     was_training = model.training
@@ -316,43 +351,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     """Train, evaluate, save (and push) an OptVQ model; returns the final metrics (also in `metrics.json`)."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    import datasets
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from datasets.distributed import split_dataset_by_node
-    from tqdm.auto import tqdm
-
-    from optvq_hf.metrics import codebook_statistics
-    from optvq_hf.training import (
-        EMAModel,
-        ImagePreprocessor,
-        OptVQLoss,
-        RunningMeans,
-        accelerate_state_conflicts,
-        augment_batch,
-        augmentation_generator,
-        build_demo_dataset,
-        build_image_dataset,
-        build_optimizer,
-        build_param_groups,
-        build_scheduler,
-        checkpoint_step,
-        collate_images,
-        decode_image_column,
-        decode_images,
-        evaluate_reconstruction,
-        find_image_column,
-        initialize_codebook,
-        load_image_dataset,
-        resolve_resume_checkpoint,
-        run_in_fresh_process,
-        save_checkpoint,
-        save_final_model,
-        set_cpu_threads,
-        split_train_and_eval,
-        split_weight_decay,
-    )
-
     # Accelerate keeps one state per process: a run with other settings than an earlier one here gets a new process.
     if accelerate_state_conflicts(args.mixed_precision):
         return run_in_fresh_process(main, args)
@@ -638,8 +636,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     })
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from optvq_hf.model_card import build_model_card
-
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
         card = build_model_card(
             config, repo_id=repo_id, num_parameters=unwrapped.num_parameters(),
@@ -655,8 +651,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2)
         if args.push_to_hub:
-            from huggingface_hub import HfApi
-
             api = HfApi(token=args.hub_token)
             repo_id = api.create_repo(repo_id, private=args.hub_private_repo or None, exist_ok=True).repo_id
             api.upload_folder(repo_id=repo_id, folder_path=output_dir,
