@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metrics", default="psnr,ssim,usage",
                         help=f"Comma-separated subset of {','.join(METRIC_CHOICES)}.")
     parser.add_argument("--lpips_model", default=None,
-                        help="LPIPSNetwork folder or Hub id (config.json + model.safetensors); needed for lpips.")
+                        help="LPIPS weights, as run_train's --perceptual_model: an LPIPSNetwork folder or Hub id "
+                             "(config.json + model.safetensors), or lpips_vgg.safetensors (a file or a folder holding "
+                             "it); needed for lpips.")
     parser.add_argument("--fid_model", default=None,
                         help="Feature network folder or Hub id for rFID (our Inception-v3 or a transformers model).")
     parser.add_argument("--inference_assignment", choices=("config", "nearest", "sinkhorn"), default="config",
