@@ -196,7 +196,7 @@ def test_lpips_original_state_dict_layout():
     assert loaded.tap_indices == [3, 8, 15, 22, 29]  # torchvision vgg16 relu1_2 ... relu5_3
 
 
-def test_lpips_is_one_network_that_reads_both_weight_formats(tmp_path):
+def test_lpips_is_one_network_that_reads_both_weight_formats(tmp_path, monkeypatch):
     """The metric's LPIPSNetwork and the training loss's LPIPS are one network with one weight format; the earlier
     metrics format (heads `lins.{k}.weight`) and the training loss's single `lpips_vgg.safetensors` convert at load
     and give the same distances, bit for bit."""
@@ -239,6 +239,22 @@ def test_lpips_is_one_network_that_reads_both_weight_formats(tmp_path):
         for loaded in (LPIPSNetwork.from_pretrained(str(tmp_path / LPIPS_WEIGHTS_NAME)),
                        LPIPSNetwork.from_pretrained(str(tmp_path), filename=LPIPS_WEIGHTS_NAME)):
             assert type(loaded) is LPIPSNetwork and torch.equal(loaded(images, targets), reference)
+
+    # A Hub repository holding only lpips_vgg.safetensors (no network: the download is intercepted).
+    from huggingface_hub.errors import EntryNotFoundError
+
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append(filename)
+        if filename != LPIPS_WEIGHTS_NAME:
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / LPIPS_WEIGHTS_NAME)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    with torch.no_grad():
+        assert torch.equal(LPIPSNetwork.from_pretrained("someone/lpips-vgg")(images, targets), reference)
+    assert requested == ["model.safetensors", LPIPS_WEIGHTS_NAME]
 
 
 def _reference_fid(real, fake):

@@ -158,8 +158,8 @@ class LPIPSNetwork(nn.Module):
 
         Args:
             name_or_path (`str`): a file, a local folder or a Hub repository id.
-            filename (`str`, *optional*): the weights file inside the folder or repository. Default: a folder's
-                `model.safetensors` (else its `lpips_vgg.safetensors`), a repository's `model.safetensors`. A
+            filename (`str`, *optional*): the weights file inside the folder or repository. Default:
+                `model.safetensors`, else `lpips_vgg.safetensors`. A
                 `config.json` next to the weights is used when it describes an LPIPS network; otherwise the layout
                 is VGG16's.
             hub_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
@@ -173,8 +173,16 @@ class LPIPSNetwork(nn.Module):
                 raise ValueError(f"No LPIPS weights: expected {' or '.join(map(repr, candidates))} in folder "
                                  f"{name_or_path!r}.")
             path, folder = os.path.join(name_or_path, found[0]), name_or_path
+        elif filename is not None:
+            path, folder = _resolve_file(name_or_path, filename, **hub_kwargs), None
         else:
-            path, folder = _resolve_file(name_or_path, filename or WEIGHTS_NAME, **hub_kwargs), None
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                path, folder = _resolve_file(name_or_path, WEIGHTS_NAME, **hub_kwargs), None
+            except EntryNotFoundError:  # a repository holding the single-file layout
+                filename = LPIPS_WEIGHTS_NAME
+                path, folder = _resolve_file(name_or_path, filename, **hub_kwargs), None
         config = {}
         if folder is None and filename in (None, WEIGHTS_NAME):
             config = _read_config(name_or_path, **hub_kwargs)
