@@ -4,8 +4,12 @@
     python examples/run_eval.py --model path/to/model --dataset_name ../shared/datasets/mnist --split test \
         --output_dir eval-out [--max_eval_samples 2000] [--batch_size 256] [--metrics psnr,ssim,usage]
 
+The data is read as `examples/run_train.py` reads it (`optvq_hf.training.load_image_dataset`: Hub id, local folder,
+file or stream) and preprocessed by the model's processor; unreadable images are skipped and counted. The numbers are
+`optvq_hf.metrics`' (the evaluate modules, the same definitions as training's evaluation).
+
 Writes `DIR/results.json` (`psnr`, `ssim`, `lpips`, `rfid`, `codebook_usage` as a fraction, `perplexity`,
-`dead_codes`, `num_samples`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
+`dead_codes`, `num_samples`, `skipped_images`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
 (originals above reconstructions), and, when `--model` is a local folder, updates its model card (`README.md`):
 the `model-index` metadata gets the numbers.
 
