@@ -597,6 +597,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from optvq_hf.sinkhorn import set_block_policy
     from optvq_hf.training import (
         EMAModel,
         OptVQLoss,
@@ -608,6 +609,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         split_weight_decay,
     )
 
+    # The Sinkhorn engine sizes its CPU blocks for how OpenMP threads wait (set above, before torch was imported).
+    set_block_policy("passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active")
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
