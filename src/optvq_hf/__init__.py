@@ -10,8 +10,18 @@ from .configuration_optvq import OptVQConfig
 from .image_processing_optvq import OptVQImageProcessor
 from .modeling_optvq import OptVQEncoderOutput, OptVQModel, OptVQModelOutput, OptVQPreTrainedModel
 from .otvae import OTVAEQuantizer
-from .quantization import OptVQQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, nearest_assign
-from .sinkhorn import sinkhorn_assign
+from .quantization import (
+    CodebookQuantizer,
+    OptVQQuantizer,
+    QuantizerOutput,
+    VectorQuantizer,
+    available_quantizer_types,
+    build_quantizer,
+    get_quantizer_class,
+    nearest_assign,
+    register_quantizer,
+)
+from .sinkhorn import sinkhorn_assign, sinkhorn_plan
 
 __version__ = "0.1.0"
 
@@ -26,13 +36,18 @@ __all__ = [
     "OptVQModelOutput",
     "OptVQEncoderOutput",
     "OptVQImageProcessor",
+    "CodebookQuantizer",
     "OptVQQuantizer",
     "VectorQuantizer",
     "OTVAEQuantizer",
     "QuantizerOutput",
+    "register_quantizer",
+    "get_quantizer_class",
+    "available_quantizer_types",
     "build_quantizer",
     "nearest_assign",
     "sinkhorn_assign",
+    "sinkhorn_plan",
     "__version__",
 ]
 
