@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .configuration_optvq import OptVQConfig
 from .image_processing_optvq import OptVQImageProcessor
 from .modeling_optvq import OptVQEncoderOutput, OptVQModel, OptVQModelOutput, OptVQPreTrainedModel
+from .latent_scaling import compute_scaling_factor
 from .otvae import OTVAEQuantizer
 from .quantization import (
     CodebookQuantizer,
@@ -48,6 +49,7 @@ __all__ = [
     "nearest_assign",
     "sinkhorn_assign",
     "sinkhorn_plan",
+    "compute_scaling_factor",
     "__version__",
 ]
 
@@ -59,9 +61,9 @@ from transformers import AutoProcessor  # noqa: E402
 AutoProcessor.register(OptVQConfig, OptVQProcessor, exist_ok=True)
 __all__ += ["OptVQProcessor", "ImageSequenceLayout"]
 
-# diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` and `compute_scaling_factor` are imported on
-# first access, so `import optvq_hf` works without diffusers.
-_DIFFUSERS_EXPORTS = ("OptVQVQModel", "OptVQDiffusersQuantizer", "compute_scaling_factor")
+# diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` is imported on first access, so
+# `import optvq_hf` works without diffusers.
+_DIFFUSERS_EXPORTS = ("OptVQVQModel", "OptVQDiffusersQuantizer")
 
 
 def __getattr__(name):
