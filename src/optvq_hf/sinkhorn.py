@@ -932,13 +932,8 @@ def dense_nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def dense_sinkhorn_assign(
-    features: torch.Tensor,
-    codebook: torch.Tensor,
-    epsilon: float = 10.0,
-    num_iters: int = 5,
-    normalization: str = "all",
-) -> torch.LongTensor:
+def dense_sinkhorn_assign(features: torch.Tensor, codebook: torch.Tensor, epsilon: float = 10.0, num_iters: int = 5,
+                          normalization: str = "all") -> torch.LongTensor:
     """Single-process Sinkhorn assignment with tensor ops only (no host synchronization), for `torch.compile`.
 
     Same algorithm and guards as :func:`sinkhorn_assign`, on a materialized ``N x K`` matrix: the quantizer uses it
