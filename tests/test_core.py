@@ -213,3 +213,32 @@ def test_vector_quantizer_is_no_optvq_quantizer_any_more():
     with pytest.warns(FutureWarning, match="CodebookQuantizer"):  # old isinstance checks keep working, warned
         assert isinstance(VectorQuantizer(dim=4, codebook_size=8), OptVQQuantizer)
     assert not isinstance(FarthestCodeQuantizer(dim=4, codebook_size=8), OptVQQuantizer)
+
+
+@pytest.mark.slow
+def test_a_registered_member_trains_and_evaluates_with_the_example_scripts(tmp_path):
+    import importlib.util
+
+    from training_helpers import EXAMPLES, tiny_args, write_tiny_dataset
+
+    import run_train  # on the path through training_helpers
+
+    register_quantizer("toy-farthest", FarthestCodeQuantizer)
+    data = write_tiny_dataset(str(tmp_path / "data"), num_train=16, num_test=4)
+    output = str(tmp_path / "run")
+    args = tiny_args(data, output, "--max_train_steps", "2", "--codebook_init", "kmeans", "--codebook_init_batches",
+                     "1", "--codebook_init_iters", "2")
+    args[args.index("--config_overrides") + 1] += ",quantizer_type=toy-farthest"
+    metrics = run_train.main(args)
+    assert metrics["quantizer_type"] == "toy-farthest" and "psnr" in metrics
+    assert OptVQConfig.from_pretrained(output).quantizer_type == "toy-farthest"
+
+    spec = importlib.util.spec_from_file_location("run_eval", f"{EXAMPLES}/run_eval.py")
+    run_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_eval)
+    results = run_eval.main(["--model", output, "--dataset_name", data, "--split", "test", "--output_dir",
+                             str(tmp_path / "eval"), "--batch_size", "4", "--metrics", "psnr,usage"])
+    assert results["num_samples"] == 4
+    with pytest.raises(ValueError, match="not one of the assignments"):
+        run_eval.main(["--model", output, "--dataset_name", data, "--split", "test", "--output_dir",
+                       str(tmp_path / "eval2"), "--inference_assignment", "sinkhorn"])
