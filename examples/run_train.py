@@ -46,6 +46,8 @@ from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel  # noqa: E402
 from optvq_hf.configuration_optvq import PRESETS  # noqa: E402
 from optvq_hf.metrics import codebook_statistics, save_reconstruction_grid, save_usage_histogram  # noqa: E402
 from optvq_hf.model_card import build_model_card  # noqa: E402
+from optvq_hf.quantization import get_quantizer_class  # noqa: E402
+from optvq_hf.sinkhorn import get_block_policy, set_block_policy  # noqa: E402
 from optvq_hf.training import (  # noqa: E402
     EMAModel,
     ImagePreprocessor,
@@ -156,6 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--num_threads", type=int, default=None,
                        help="torch CPU threads per process (default: CPU cores / local processes).")
+    group.add_argument("--sinkhorn_block_policy", choices=("auto", "active", "passive"), default="auto",
+                       help="How the Sinkhorn engine sizes its CPU blocks (optvq_hf.sinkhorn.set_block_policy); auto: "
+                            "'passive' when OMP_WAIT_POLICY=PASSIVE (which this script sets unless the environment "
+                            "does), else 'active'.")
 
     group = parser.add_argument_group("loss")
     group.add_argument("--l1_weight", type=float, default=1.0)
@@ -258,6 +264,13 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
+def sinkhorn_block_policy(choice: str) -> str:
+    """`--sinkhorn_block_policy`: `auto` follows how this process's OpenMP threads wait (`OMP_WAIT_POLICY`)."""
+    if choice != "auto":
+        return choice
+    return "passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Model, processor and data
 # --------------------------------------------------------------------------------------------------------------------
@@ -354,7 +367,18 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     # Accelerate keeps one state per process: a run with other settings than an earlier one here gets a new process.
     if accelerate_state_conflicts(args.mixed_precision):
         return run_in_fresh_process(main, args)
+    # The Sinkhorn engine sizes its CPU blocks for how this process's OpenMP threads wait (set before torch loaded);
+    # the setting is the process's, so it is put back for whatever runs after main() in the same process.
+    previous_block_policy = get_block_policy()
+    set_block_policy(sinkhorn_block_policy(args.sinkhorn_block_policy))
+    try:
+        return train(args)
+    finally:
+        set_block_policy(previous_block_policy)
 
+
+def train(args: argparse.Namespace) -> dict:
+    """The run itself, top to bottom (see [`main`])."""
     # ---- accelerator, logging, seed
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
@@ -669,7 +693,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
 def print_summary(metrics: dict, config, output_dir: str, global_step: int, train_time: float):
     """Where everything is, for the person at the terminal."""
-    label = {"optvq": "OptVQ", "vq": "VQ", "otvae": "OT-VAE"}.get(config.quantizer_type, config.quantizer_type)
+    label = get_quantizer_class(config.quantizer_type).display_name
     summary = [f"\n{label} training done: {global_step} steps in {train_time:.0f} s "
                f"({metrics['seconds_per_step']:.3f} s/step).",
                f"  model (save_pretrained): {os.path.abspath(output_dir)}"]

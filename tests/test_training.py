@@ -530,3 +530,21 @@ def test_training_docs_snippets_run(tmp_path, monkeypatch):
     assert loop["metrics"]["num_eval_images"] == 16 and np.isfinite(loop["metrics"]["psnr"])
     assert len(data["train_dataset"]) == 64 and tuple(data["eval_images"].shape) == (8, 3, 32, 32)
     assert script["metrics"]["global_step"] == 2 and os.path.isfile(tmp_path / "tiny-demo" / "model.safetensors")
+
+
+def test_block_policy_is_explicit_and_not_left_behind(tiny_data, tmp_path, monkeypatch):
+    """run_train passes the Sinkhorn block policy explicitly and puts the process's setting back afterwards."""
+    import run_train
+
+    from optvq_hf import sinkhorn
+
+    assert run_train.sinkhorn_block_policy("active") == "active"
+    assert run_train.sinkhorn_block_policy("auto") == ("passive" if os.environ.get("OMP_WAIT_POLICY", "").upper()
+                                                       == "PASSIVE" else "active")
+    seen = []
+    monkeypatch.setattr(run_train, "set_block_policy", lambda policy: (seen.append(policy),
+                                                                        sinkhorn.set_block_policy(policy)))
+    before = sinkhorn.get_block_policy()
+    run_train.main(tiny_args(tiny_data, str(tmp_path / "p"), "--max_train_steps", "1", "--skip_final_eval",
+                             "--sinkhorn_block_policy", "passive"))
+    assert seen == ["passive", before] and sinkhorn.get_block_policy() == before

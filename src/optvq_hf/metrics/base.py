@@ -18,7 +18,8 @@ import evaluate
 import numpy as np
 import torch
 
-from .functional import check_token_range, code_histogram, codebook_statistics, to_unit_images
+from ..validation import check_token_ids
+from .functional import code_histogram, codebook_statistics, to_unit_images
 
 __all__ = ["PerImageMetric", "NetworkImageMetric", "TokenMetric", "TOKEN_INPUTS_DESCRIPTION", "IMAGE_PAIR_ARGS",
            "NETWORK_INIT_ARGS"]
@@ -188,7 +189,7 @@ class TokenMetric(evaluate.Metric):
         if array.ndim < 1 or array.dtype.kind not in "iu":
             raise ValueError(f"Token ids must be an integer array (B, ...), got dtype {array.dtype}, shape {array.shape}.")
         array = array.reshape(array.shape[0], -1).astype(np.int64)
-        check_token_range(array, self.codebook_size)
+        check_token_ids(torch.from_numpy(array), self.codebook_size)
         super().add_batch(tokens=[row.astype(np.int32) for row in array])
 
     def add(self, *, prediction=None, reference=None, **kwargs):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..validation import check_token_ids
+
 __all__ = [
     "to_unit_images",
     "per_image_mse",
@@ -25,7 +27,6 @@ __all__ = [
     "per_image_ssim",
     "gaussian_kernel_1d",
     "code_histogram",
-    "check_token_range",
     "codebook_statistics",
     "frechet_distance",
     "MAX_PSNR",
@@ -145,17 +146,8 @@ def code_histogram(token_ids, codebook_size: int) -> np.ndarray:
     else:
         flat = (token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids))
         flat = flat.astype(np.int64, copy=False).ravel()
-    check_token_range(flat, codebook_size)
+    check_token_ids(torch.from_numpy(flat), codebook_size)
     return np.bincount(flat, minlength=codebook_size).astype(np.int64)
-
-
-def check_token_range(token_ids: np.ndarray, codebook_size: int):
-    """Raise a `ValueError` unless every id of the integer array `token_ids` lies in `[0, codebook_size)`."""
-    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= codebook_size):
-        raise ValueError(
-            f"Token ids must lie in [0, {codebook_size - 1}] (codebook_size={codebook_size}), got values in "
-            f"[{token_ids.min()}, {token_ids.max()}]."
-        )
 
 
 def codebook_statistics(counts) -> dict[str, float]:

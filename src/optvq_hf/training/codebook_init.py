@@ -87,32 +87,9 @@ def sample_codes(points: torch.Tensor, num_codes: int, generator: torch.Generato
 
 @torch.no_grad()
 def set_codebook(quantizer, codes: torch.Tensor):
-    """Make the quantizer's codebook in use (after its shared projection, if any) equal to `codes` `(K, d)`.
-
-    With a projection `c = W e + b`, the stored table becomes `e = W^{-1} (c - b)` so that the projection keeps its
-    initialization; if `W` is singular the projection is reset to the identity and the table set to `codes`.
-    """
-    weight = quantizer.embedding.weight
-    if codes.shape != weight.shape:
-        raise ValueError(f"`codes` must have shape {tuple(weight.shape)} (codebook_size, code_dim), got {tuple(codes.shape)}.")
-    codes = codes.to(device=weight.device, dtype=torch.float32)
-    projection = getattr(quantizer, "projection", None)
-    if projection is None:
-        weight.copy_(codes)
-        return
-    w = projection.weight.float()
-    b = projection.bias.float() if projection.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    table = None
-    if torch.linalg.matrix_rank(w) == w.shape[0]:
-        table = torch.linalg.solve(w, (codes - b).T).T
-        if not torch.isfinite(table).all() or (table @ w.T + b - codes).abs().max() > 1e-3 * (1 + codes.abs().max()):
-            table = None
-    if table is None:
-        projection.weight.copy_(torch.eye(w.shape[0], dtype=projection.weight.dtype))
-        if projection.bias is not None:
-            projection.bias.zero_()
-        table = codes
-    weight.copy_(table.to(weight.dtype))
+    """Make the quantizer's codebook in use (after its shared projection, if any) equal to `codes` `(K, d)`: the
+    member's own `CodebookQuantizer.set_codebook`, which knows how its codebook is parameterized."""
+    quantizer.set_codebook(codes)
 
 
 def _distributed(group) -> bool:
@@ -143,7 +120,7 @@ def initialize_codebook(model, pixel_batches: Iterable[torch.Tensor], method: st
     Every process encodes its own batches (in eval mode) and splits the latents into the rows the quantizer sees;
     the rows of all processes are gathered (`torch.distributed`, when initialized), the codes are computed with a
     generator seeded by `seed` (k-means over at most `max_points_per_code * codebook_size` random rows, or distinct
-    random rows), set with [`set_codebook`], and the quantizer's parameters are broadcast from the first process so
+    random rows), set with the member's `set_codebook`, and the quantizer's parameters are broadcast from the first process so
     that every replica starts equal.
 
     Args:
@@ -161,12 +138,11 @@ def initialize_codebook(model, pixel_batches: Iterable[torch.Tensor], method: st
     if method not in CODEBOOK_INIT_METHODS or method == "none":
         raise ValueError(f"`method` must be 'kmeans' or 'random', got {method!r}.")
     quantizer = model.quantizer
-    codes_shape = quantizer.embedding.weight.shape
-    device = quantizer.embedding.weight.device
+    codes_shape = (quantizer.codebook_size, quantizer.code_dim)
+    device = next(quantizer.parameters()).device
     was_training = model.training
     model.eval()
-    rows = [features_to_rows(model.encode_latents(pixels.to(device)), model.config.num_heads)
-            for pixels in pixel_batches]
+    rows = [features_to_rows(model.encode_latents(pixels.to(device)), quantizer.num_heads) for pixels in pixel_batches]
     model.train(was_training)
     local = torch.cat(rows) if rows else torch.zeros(0, codes_shape[1], device=device)
     features = _gather_rows(local, process_group)
