@@ -79,15 +79,18 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config_name: str
         split (`str`, *optional*): return this split only (a `ValueError` lists the splits when it is missing); a
             single file is this split.
     """
-    loaded = _load_dataset_dict(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split)
-    if split is None:
+    import datasets
+
+    loaded = _load(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split)
+    if split is None or not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return loaded
     if split not in loaded:
         raise ValueError(f"No {split!r} split in {dataset_name or train_data_dir!r}; found {sorted(loaded)}.")
     return loaded[split]
 
 
-def _load_dataset_dict(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split):
+def _load(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split):
+    """A dataset dict, or the split `split` when `datasets` can load one split by itself."""
     import datasets
 
     if dataset_name is None and train_data_dir is None:
@@ -108,11 +111,12 @@ def _load_dataset_dict(dataset_name, dataset_config_name, train_data_dir, stream
                 extension)
             if builder is None:
                 raise ValueError(f"Cannot load {dataset_name!r}: unsupported file type {extension!r}.")
-            return datasets.load_dataset(builder, data_files={split or "train": dataset_name}, streaming=streaming,
-                                         cache_dir=cache_dir)
-        return datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir,
-                                     token=token)
-    return datasets.load_dataset("imagefolder", data_dir=train_data_dir, streaming=streaming, cache_dir=cache_dir)
+            return datasets.load_dataset(builder, data_files={split or "train": dataset_name}, split=split,
+                                         streaming=streaming, cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming,
+                                     cache_dir=cache_dir, token=token)
+    return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming,
+                                 cache_dir=cache_dir)
 
 
 def find_image_column(features, image_column: str | None = None) -> str:
