@@ -925,6 +925,12 @@ def _skip(loader, count):
             yield batch
 
 
+def cli():
+    """The console command `optvq-train`: `main()`, whose results are not returned (a console command exits with
+    the return value of its function)."""
+    main()
+
+
 if __name__ == "__main__":
     main()
     sys.exit(0)
