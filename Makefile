@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that installs offline here; a CUDA machine can pre-install its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test package-check bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+
+# Build the sdist and wheel, check them, install the wheel (after $(TORCH_SPEC)) into a fresh virtualenv in a temp
+# folder and run the README's snippet, the metrics and the commands there (docs/installation.md).
+package-check:
+	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) .ci/package_check.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_quantizer.py
