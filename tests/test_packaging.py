@@ -67,6 +67,18 @@ def test_user_requirements_have_lower_bounds_only():
     assert {spec.operator for spec in torch.specifier} == {">="}
 
 
+def test_bounds_in_the_docs_are_the_ones_of_pyproject():
+    bounds = {}
+    for text in PROJECT["dependencies"] + sum(PROJECT["optional-dependencies"].values(), []):
+        requirement = Requirement(text)
+        bounds.update({requirement.name: spec.version for spec in requirement.specifier if spec.operator == ">="})
+    for page in ("README.md", "docs/installation.md", "CHANGELOG.md"):
+        mentioned = re.findall(r"`([A-Za-z0-9_.\-]+)>=([0-9][0-9.]*)`", (ROOT / page).read_text())
+        assert mentioned, page
+        for name, version in mentioned:
+            assert bounds.get(name) == version, f"{page} says {name}>={version}, pyproject.toml {bounds.get(name)}"
+
+
 def test_every_source_folder_is_a_listed_package():
     src = ROOT / "src"
     folders = {".".join(path.parent.relative_to(src).parts) for path in src.rglob("*.py")}
