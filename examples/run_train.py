@@ -597,6 +597,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from optvq_hf.quantization import get_quantizer_class
+    from optvq_hf.sinkhorn import set_block_policy
     from optvq_hf.training import (
         EMAModel,
         OptVQLoss,
@@ -608,6 +610,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         split_weight_decay,
     )
 
+    # The Sinkhorn engine sizes its CPU blocks for how OpenMP threads wait (set above, before torch was imported).
+    set_block_policy("passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active")
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
@@ -888,7 +892,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         if args.push_to_hub:
             metrics["hub_repo_id"] = push_to_hub(args, output_dir)
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-        label = {"optvq": "OptVQ", "vq": "VQ", "otvae": "OT-VAE"}.get(config.quantizer_type, config.quantizer_type)
+        label = get_quantizer_class(config.quantizer_type).display_name
         summary = [f"\n{label} training done: {global_step} steps in {train_time:.0f} s "
                    f"({metrics['seconds_per_step']:.3f} s/step).",
                    f"  model (save_pretrained): {os.path.abspath(output_dir)}"]
