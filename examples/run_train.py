@@ -713,6 +713,12 @@ def end_training(accelerator):
         torch.distributed.destroy_process_group()
 
 
+def cli():
+    """The console command `optvq-train`: `main()`, whose results are not returned (a console command exits with
+    the return value of its function)."""
+    main()
+
+
 if __name__ == "__main__":
     main()
     sys.exit(0)
