@@ -34,13 +34,8 @@ import warnings
 # spinning threads made a CPU step up to 8x slower in our measurements. Only effective before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
-from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
-from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
-from datasets.distributed import split_dataset_by_node  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel  # noqa: E402
 from optvq_hf.configuration_optvq import PRESETS  # noqa: E402
@@ -379,6 +374,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     """The run itself, top to bottom (see [`main`])."""
+    # The `[train]` extra, imported here so that the `optvq-train` command loads with the core install alone.
+    import datasets
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from datasets.distributed import split_dataset_by_node
+    from tqdm.auto import tqdm
+
     # ---- accelerator, logging, seed
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to

@@ -548,3 +548,18 @@ def test_block_policy_is_explicit_and_not_left_behind(tiny_data, tmp_path, monke
     run_train.main(tiny_args(tiny_data, str(tmp_path / "p"), "--max_train_steps", "1", "--skip_final_eval",
                              "--sinkhorn_block_policy", "passive"))
     assert seen == ["passive", before] and sinkhorn.get_block_policy() == before
+
+
+def test_the_console_commands_load_with_the_core_install_alone():
+    """The package check loads every console command with no extra installed: the scripts import the `[train]` /
+    `[eval]` packages only when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('datasets', 'accelerate', 'evaluate', 'matplotlib', 'scipy', 'skimage', 'tensorboard'):\n"
+            "    sys.modules[name] = None  # not installed\n"
+            "import optvq_hf_examples.run_train as train, optvq_hf_examples.run_eval as evaluation\n"
+            "assert callable(train.cli) and callable(evaluation.cli)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
