@@ -519,13 +519,15 @@ def test_training_docs_snippets_run(tmp_path, monkeypatch):
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
-    assert len(blocks) == 3 and len(re.findall(r"^```py\n", text, re.M)) == 1
+    assert len(re.findall(r"^```py\n", text, re.M)) == 1
     monkeypatch.chdir(tmp_path)
     spaces = []
     for block in blocks:
         spaces.append({"__name__": "__docs__"})
         exec(compile(block, "<docs/training.md>", "exec"), spaces[-1])
-    loop, data, script = spaces
+    [loop] = [space for space in spaces if "loss_means" in space]
+    [data] = [space for space in spaces if "train_dataset" in space]
+    [script] = [space for space in spaces if "run_train" in space]
     assert loop["rows"] > 64 and set(loop["loss_means"].compute()) == {"loss", "l1", "l2", "quantization"}
     assert loop["metrics"]["num_eval_images"] == 16 and np.isfinite(loop["metrics"]["psnr"])
     assert len(data["train_dataset"]) == 64 and tuple(data["eval_images"].shape) == (8, 3, 32, 32)
