@@ -202,7 +202,7 @@ def main(args=None) -> dict:
         args = parse_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     import optvq_hf  # noqa: F401  (registers the Auto classes)
-    from optvq_hf import OptVQImageProcessor, OptVQModel
+    from optvq_hf import OptVQImageProcessor, OptVQModel, get_quantizer_class
     import optvq_hf.metrics as optvq_metrics
 
     world_size, rank, state = _distributed_state()
@@ -213,9 +213,11 @@ def main(args=None) -> dict:
 
     model = OptVQModel.from_pretrained(args.model, revision=args.revision).to(device).eval()
     config = model.config
+    assignments = get_quantizer_class(config.quantizer_type).inference_assignments
     if args.inference_assignment != "config":
-        if config.quantizer_type != "optvq" and args.inference_assignment == "sinkhorn":
-            raise ValueError(f"--inference_assignment sinkhorn needs an OptVQ model, got {config.quantizer_type!r}.")
+        if args.inference_assignment not in assignments:
+            raise ValueError(f"--inference_assignment {args.inference_assignment} is not one of the assignments of a "
+                             f"{config.quantizer_type!r} model {assignments}.")
         model.quantizer.inference_assignment = args.inference_assignment
     try:
         processor = OptVQImageProcessor.from_pretrained(args.model, revision=args.revision)
@@ -248,9 +250,10 @@ def main(args=None) -> dict:
         metrics["rfid"] = optvq_metrics.load("rfid", feature_extractor=args.fid_model, device=device, **common)
     if "usage" in args.metric_list:
         metrics["usage"] = optvq_metrics.load("codebook_usage", codebook_size=config.codebook_size, **common)
-    compare = args.compare_assignments and config.quantizer_type == "optvq"
+    compare = args.compare_assignments and "sinkhorn" in assignments
     if args.compare_assignments and not compare:
-        logger.warning("--compare_assignments applies to OptVQ models only; skipped for %r.", config.quantizer_type)
+        logger.warning("--compare_assignments needs a Sinkhorn inference assignment; skipped for %r.",
+                       config.quantizer_type)
     if compare:
         metrics["psnr_nearest"] = optvq_metrics.load("psnr", **{**common, "experiment_id": experiment_id + "n"})
         metrics["psnr_sinkhorn"] = optvq_metrics.load("psnr", **{**common, "experiment_id": experiment_id + "s"})
@@ -348,6 +351,12 @@ def main(args=None) -> dict:
     summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     logger.info("Results: %s", json.dumps(summary))
     return results
+
+
+def cli():
+    """The console command `optvq-eval`: `main()`, whose results are not returned (a console command exits with
+    the return value of its function)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -618,6 +618,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from optvq_hf.sinkhorn import set_block_policy
     from optvq_hf.training import (
         EMAModel,
         OptVQLoss,
@@ -631,6 +632,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         split_weight_decay,
     )
 
+    # The Sinkhorn engine sizes its CPU blocks for how OpenMP threads wait (set above, before torch was imported).
+    set_block_policy("passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active")
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
@@ -955,7 +958,9 @@ def is_demo_setting(args: argparse.Namespace) -> bool:
 
 def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | None, demo: bool = False) -> str:
     """The text printed at the end of training: the verdict, what the numbers mean, and which files to open."""
-    label = {"optvq": "OptVQ", "vq": "VQ", "otvae": "OT-VAE"}.get(config.quantizer_type, config.quantizer_type)
+    from optvq_hf.quantization import get_quantizer_class
+
+    label = get_quantizer_class(config.quantizer_type).display_name
     where = os.path.abspath(output_dir)
     steps, train_time = metrics["global_step"], metrics["train_time_s"]
     baseline = metrics.get("mean_image_psnr")
@@ -1028,7 +1033,14 @@ def _skip(loader, count):
 COLLAPSE_EXIT_CODE = 3
 
 
+def cli():
+    """The console command `optvq-train` (and `python examples/run_train.py`): `main()` on the command line; exits
+    with status `COLLAPSE_EXIT_CODE` when `--fail_on_collapse` is given and the final model collapsed, else 0 (the
+    metrics are not returned: a console command exits with the return value of its function)."""
+    args = parse_args()
+    metrics = main(args)
+    sys.exit(COLLAPSE_EXIT_CODE if args.fail_on_collapse and metrics.get("collapsed") else 0)
+
+
 if __name__ == "__main__":
-    cli_args = parse_args()
-    final_metrics = main(cli_args)
-    sys.exit(COLLAPSE_EXIT_CODE if cli_args.fail_on_collapse and final_metrics.get("collapsed") else 0)
+    cli()

@@ -79,29 +79,6 @@ def sample_codes(points: torch.Tensor, num_codes: int, generator: torch.Generato
 
 @torch.no_grad()
 def set_codebook(quantizer, codes: torch.Tensor):
-    """Make the quantizer's codebook in use (after its shared projection, if any) equal to `codes` `(K, d)`.
-
-    With a projection `c = W e + b`, the stored table becomes `e = W^{-1} (c - b)` so that the projection keeps its
-    initialization; if `W` is singular the projection is reset to the identity and the table set to `codes`.
-    """
-    weight = quantizer.embedding.weight
-    if codes.shape != weight.shape:
-        raise ValueError(f"`codes` must have shape {tuple(weight.shape)} (codebook_size, code_dim), got {tuple(codes.shape)}.")
-    codes = codes.to(device=weight.device, dtype=torch.float32)
-    projection = getattr(quantizer, "projection", None)
-    if projection is None:
-        weight.copy_(codes)
-        return
-    w = projection.weight.float()
-    b = projection.bias.float() if projection.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    table = None
-    if torch.linalg.matrix_rank(w) == w.shape[0]:
-        table = torch.linalg.solve(w, (codes - b).T).T
-        if not torch.isfinite(table).all() or (table @ w.T + b - codes).abs().max() > 1e-3 * (1 + codes.abs().max()):
-            table = None
-    if table is None:
-        projection.weight.copy_(torch.eye(w.shape[0], dtype=projection.weight.dtype))
-        if projection.bias is not None:
-            projection.bias.zero_()
-        table = codes
-    weight.copy_(table.to(weight.dtype))
+    """Make the quantizer's codebook in use (after its shared projection, if any) equal to `codes` `(K, d)`: the
+    member's own `CodebookQuantizer.set_codebook`, which knows how its codebook is parameterized."""
+    quantizer.set_codebook(codes)
