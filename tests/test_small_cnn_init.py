@@ -52,8 +52,8 @@ def test_small_cnn_weights_follow_the_documented_law_in_both_front_ends():
                            (model.encoder.out_fc, 2**0.5), (model.decoder.in_fc, 1.0), (model.decoder.up1, 2**0.5),
                            (model.decoder.up2, 2**0.5), (model.decoder.out_fc, 2**0.5)):
             assert float(conv.weight.detach().std()) == pytest.approx(_expected_std(conv, gain), rel=0.15)
-            assert float(conv.bias.abs().max()) == 0.0
+            assert float(conv.bias.detach().abs().max()) == 0.0
     # The VQGAN backbone (GroupNorm keeps its signal) keeps PyTorch's default, as the original code.
     vqgan = OptVQModel(OptVQConfig.from_preset("optvq-imagenet-16x16x4", base_channels=32, channel_multipliers=[1, 2],
                                                attn_resolutions=[], resolution=32, codebook_size=64))
-    assert float(vqgan.encoder.conv_in.bias.abs().max()) > 0.0
+    assert float(vqgan.encoder.conv_in.bias.detach().abs().max()) > 0.0
