@@ -80,6 +80,9 @@ def test_a_collapsed_run_is_reported_loudly_and_never_as_a_success(tiny_data, tm
     assert '"collapsed": true' in printed.out
     # The progress bar's verdict after the validation step.
     assert "eval=COLLAPSED" in printed.err
+    # The model card does not publish its numbers as a result without the warning.
+    with open(os.path.join(output, "README.md")) as handle:
+        assert "this run collapsed" in handle.read()
 
 
 def test_fail_on_collapse_keeps_exit_status_zero_for_a_healthy_run(tiny_data, tmp_path, monkeypatch, capsys):
