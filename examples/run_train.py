@@ -60,10 +60,13 @@ from optvq_hf.training import (  # noqa: E402
     collate_images,
     decode_image_column,
     decode_images,
+    diagnose_collapse,
     evaluate_reconstruction,
     find_image_column,
     initialize_codebook,
     load_image_dataset,
+    mean_image_psnr,
+    reconstruction_spread,
     resolve_resume_checkpoint,
     run_in_fresh_process,
     save_checkpoint,
@@ -200,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--validation_images", type=str, nargs="*", default=None,
                        help="Your own image files to show in the reconstruction grids.")
     group.add_argument("--skip_final_eval", action="store_true", help="Do not evaluate at the end.")
+    group.add_argument("--fail_on_collapse", action="store_true",
+                       help="Exit with status 3 when the final evaluation finds a collapsed (dead) model; it is always "
+                            "reported in the log, the summary and metrics.json (`collapsed`).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -343,6 +349,17 @@ def log_validation(model, images, counts, output_dir: str, step: int) -> tuple[s
     return grid, histogram
 
 
+def check_collapse(metrics: dict, counts: torch.Tensor, baseline_psnr: float | None, step: int, log: bool = True):
+    """Dead-run detection on evaluation results: adds the verdict and its numbers to `metrics`, warns if collapsed
+    (when `log`: on the main process)."""
+    diagnosis = diagnose_collapse(psnr=metrics.get("psnr"), mean_image_psnr=baseline_psnr,
+                                  reconstruction_spread=metrics.get("reconstruction_spread"), code_counts=counts)
+    metrics.update(diagnosis.to_dict())
+    if diagnosis.collapsed and log:
+        logger.warning("step %d: %s", step, diagnosis.message())
+    return diagnosis
+
+
 def backward_and_step(accelerator, loss, module, optimizer, max_grad_norm: float):
     """Back-propagate (accumulating), clip the gradients of `module` at the optimizer step, step and zero them."""
     accelerator.backward(loss)
@@ -426,6 +443,8 @@ def train(args: argparse.Namespace) -> dict:
     eval_images, skipped_eval = decode_image_column(eval_split, image_column, center_crops)
     if eval_images is None:
         raise ValueError("No readable image in the evaluation set.")
+    # What a model that ignores its input scores: the bar a trained model must clearly clear (dead-run detection).
+    baseline_psnr = mean_image_psnr(eval_images) if eval_images.shape[0] > 1 else None
     user_images, unreadable = decode_images(args.validation_images or [], center_crops)
     for index in unreadable:
         logger.warning("Skipping unreadable validation image %s", args.validation_images[index])
@@ -533,6 +552,9 @@ def train(args: argparse.Namespace) -> dict:
     logger.info("  batch %d per device x %d processes x %d accumulation = %d; lr %.3g; %d steps", args.train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps, total_batch, learning_rate,
                 max_train_steps)
+    if baseline_psnr is not None:
+        logger.info("  predicting the mean evaluation image scores PSNR %.2f dB (a trained model must beat it)",
+                    baseline_psnr)
 
     # ---- training loop
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
@@ -541,6 +563,7 @@ def train(args: argparse.Namespace) -> dict:
     window_counts = torch.zeros(config.codebook_size, device=accelerator.device)
     skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
     steps_this_run, micro_step, last_metrics, stopped_early = 0, 0, {}, False
+    postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     resume_batches = args.gradient_accumulation_steps * (global_step % steps_per_epoch if steps_per_epoch else
                                                          global_step)
@@ -604,8 +627,11 @@ def train(args: argparse.Namespace) -> dict:
                 logs = {f"train/{name}": value for name, value in loss_means.compute().items()}
                 logs.update({f"train/{key}": usage[key] for key in ("codebook_usage", "perplexity", "dead_codes")})
                 logs.update({"train/lr": scheduler.get_last_lr()[0],
+                             "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
                              "train/skipped_images": skipped_train + skipped_on_the_fly})
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", usage=f"{100 * usage['codebook_usage']:.1f}%")
+                postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * usage['codebook_usage']:.1f}%",
+                           "spread": f"{logs['train/reconstruction_spread']:.2f}"}
+                progress.set_postfix(**postfix, **health)
                 accelerator.log(logs, step=global_step)
                 loss_means.reset()
                 window_counts.zero_()
@@ -616,7 +642,12 @@ def train(args: argparse.Namespace) -> dict:
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                 last_metrics, counts = evaluate_reconstruction(unwrapped, eval_images, args.eval_batch_size,
                                                                autocast=accelerator.autocast)
-                accelerator.log({f"eval/{k}": v for k, v in last_metrics.items()}, step=global_step)
+                diagnosis = check_collapse(last_metrics, counts, baseline_psnr, global_step,
+                                           accelerator.is_main_process)
+                health = {"eval": "COLLAPSED" if diagnosis.collapsed else f"{last_metrics['psnr']:.1f}dB"}
+                progress.set_postfix(**postfix, **health)
+                accelerator.log({f"eval/{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))},
+                                step=global_step)
                 if accelerator.is_main_process:
                     log_validation(unwrapped, grid_images, counts, output_dir, global_step)
                     logger.info("step %d: eval PSNR %.2f dB, usage %.1f%%", global_step, last_metrics["psnr"],
@@ -645,6 +676,7 @@ def train(args: argparse.Namespace) -> dict:
     if not args.skip_final_eval:
         metrics, final_counts = evaluate_reconstruction(unwrapped, eval_images, args.eval_batch_size,
                                                         autocast=accelerator.autocast)
+        check_collapse(metrics, final_counts, baseline_psnr, global_step, accelerator.is_main_process)
     skipped_on_the_fly = int(accelerator.reduce(torch.tensor(skipped_on_the_fly, device=accelerator.device), "sum"))
     metrics.update({
         "global_step": global_step,
@@ -665,7 +697,9 @@ def train(args: argparse.Namespace) -> dict:
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
         card = build_model_card(
             config, repo_id=repo_id, num_parameters=unwrapped.num_parameters(),
-            training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time),
+            training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time)
+            + ("\n**Warning: this run collapsed** (its reconstructions do not depend on its inputs): "
+               + " ".join(metrics["collapse_reasons"]) + "\n" if metrics.get("collapsed") else ""),
             eval_results={k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity") if k in metrics} or None,
             dataset_name=description if (args.dataset_name or args.train_data_dir) else None,
         )
@@ -685,7 +719,10 @@ def train(args: argparse.Namespace) -> dict:
                                                "validation/**"])
             metrics["hub_repo_id"] = repo_id
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-        print_summary(metrics, config, output_dir, global_step, train_time)
+        if metrics.get("collapsed"):
+            logger.error("The final model COLLAPSED: %s", " ".join(metrics["collapse_reasons"]))
+        print(final_summary(metrics, config, output_dir, os.path.join(output_dir, args.logging_dir) if report_to else None,
+                            demo=is_demo_setting(args)), flush=True)
     if report_to:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
@@ -693,19 +730,72 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def print_summary(metrics: dict, config, output_dir: str, global_step: int, train_time: float):
-    """Where everything is, for the person at the terminal."""
+# `make demo` (the Makefile's DEMO_ARGS on the bundled data): the settings it overrides, and the final PSNR it reached
+# across seeds (docs/benchmarks.md, "The demo across seeds"). tests/test_training_health.py checks that the Makefile
+# still runs this setting, so the summary's claim cannot drift from the demo.
+DEMO_SETTING = {"model_config_name_or_path": DEFAULT_MODEL, "config_overrides": "codebook_size=256",
+                "max_train_steps": 500, "train_batch_size": 32, "learning_rate": 1e-4, "codebook_init": "none",
+                "dataset_name": None, "train_data_dir": None}
+DEMO_EXPECTED_PSNR = "25.6 to 26.6 dB"
+
+
+def is_demo_setting(args: argparse.Namespace) -> bool:
+    """Whether `args` train the `make demo` setting (whatever the seed and output folder)."""
+    return all(getattr(args, name) == value for name, value in DEMO_SETTING.items())
+
+
+def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | None, demo: bool = False) -> str:
+    """The text printed at the end of training: the verdict, what the numbers mean, and which files to open."""
     label = get_quantizer_class(config.quantizer_type).display_name
-    summary = [f"\n{label} training done: {global_step} steps in {train_time:.0f} s "
-               f"({metrics['seconds_per_step']:.3f} s/step).",
-               f"  model (save_pretrained): {os.path.abspath(output_dir)}"]
+    where = os.path.abspath(output_dir)
+    steps, train_time = metrics["global_step"], metrics["train_time_s"]
+    baseline = metrics.get("mean_image_psnr")
+    lines = []
+    if metrics.get("collapsed"):
+        lines += [f"\n{label} training FAILED: the model COLLAPSED after {steps} steps ({train_time:.0f} s).",
+                  "Its reconstructions do not follow its inputs; do not use this model. Why:",
+                  *(f"  - {reason}" for reason in metrics["collapse_reasons"]),
+                  "Try a lower --learning_rate or more --max_train_steps (docs/training.md, 'Is my run healthy?')."]
+    else:
+        lines.append(f"\n{label} training done: {steps} steps in {train_time:.0f} s "
+                     f"({metrics['seconds_per_step']:.3f} s/step).")
+        if "psnr" not in metrics:
+            lines.append("No final evaluation (--skip_final_eval), so no verdict.")
+        else:
+            gain = f", {metrics['psnr'] - baseline:+.1f} dB over predicting the average image" if baseline else ""
+            lines.append(f"Verdict: healthy, the reconstructions follow their inputs ({metrics['psnr']:.2f} dB{gain}).")
     if "psnr" in metrics:
-        summary.append(f"  eval: PSNR {metrics['psnr']:.2f} dB, code usage {100 * metrics['codebook_usage']:.1f}% "
-                       f"on {metrics['num_eval_images']} images")
-        summary.append(f"  reconstruction grid: {os.path.abspath(metrics['grid'])}")
-        summary.append(f"  code-usage histogram: {os.path.abspath(metrics['code_usage_histogram'])}")
-    summary.append(f"  metrics: {os.path.abspath(os.path.join(output_dir, 'metrics.json'))}")
-    print("\n".join(summary), flush=True)
+        size = config.codebook_size
+        psnr_notes = ["closeness of the reconstructions to the originals (higher is better; +3 dB = half the error)."]
+        if baseline is not None:
+            psnr_notes.append(f"Predicting the average image for every input scores {baseline:.2f} dB here.")
+        if demo:
+            psnr_notes.append(f"`make demo` reaches {DEMO_EXPECTED_PSNR} (seeds 0-9); the paper's CIFAR-10 model 28.8 "
+                              "dB after 100 epochs.")
+        column = 23
+        lines += [f"\nWhat the numbers mean ({metrics['num_eval_images']} held-out images, tokens by nearest code):",
+                  f"  {'PSNR ' + format(metrics['psnr'], '.2f') + ' dB':<{column - 2}}{psnr_notes[0]}",
+                  *(" " * column + note for note in psnr_notes[1:]),
+                  f"  {'code usage ' + format(100 * metrics['codebook_usage'], '.1f') + ' %':<{column - 2}}share of "
+                  f"the {size} codes that the images use; OptVQ keeps it near 100 % (plain VQ",
+                  " " * column + "often uses a few %).",
+                  f"  {'perplexity ' + format(metrics['perplexity'], '.1f'):<{column - 2}}effective number of codes in "
+                  f"use (at most {size}; higher = codes used more evenly)."]
+    lines.append("\nOpen:")
+    if "grid" in metrics:
+        lines += [f"  {os.path.abspath(metrics['grid'])}",
+                  "      top row: originals; bottom row: their reconstructions. Good: the same shapes and colours, a "
+                  "little blurred.",
+                  "      Collapsed: every reconstruction the same flat (often grey) square.",
+                  f"  {os.path.abspath(metrics['code_usage_histogram'])}",
+                  "      tokens per code, most used first: a long, gently falling curve is good; a few tall bars mean "
+                  "few codes in use."]
+    lines += [f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
+              f"{json.dumps(metrics.get('collapsed'))})",
+              f"  {where}    the model: OptVQModel.from_pretrained({where!r})"]
+    if logging_dir is not None:
+        lines.append(f"  tensorboard --logdir {os.path.abspath(logging_dir)}    loss, PSNR and code usage over time")
+    return "\n".join(lines)
 
 
 def end_training(accelerator):
@@ -715,12 +805,17 @@ def end_training(accelerator):
         torch.distributed.destroy_process_group()
 
 
+COLLAPSE_EXIT_CODE = 3
+
+
 def cli():
-    """The console command `optvq-train`: `main()`, whose results are not returned (a console command exits with
-    the return value of its function)."""
-    main()
+    """The console command `optvq-train` (and `python examples/run_train.py`): `main()` on the command line; exits
+    with status `COLLAPSE_EXIT_CODE` when `--fail_on_collapse` is given and the final model collapsed, else 0 (the
+    metrics are not returned: a console command exits with the return value of its function)."""
+    args = parse_args()
+    metrics = main(args)
+    sys.exit(COLLAPSE_EXIT_CODE if args.fail_on_collapse and metrics.get("collapsed") else 0)
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    cli()

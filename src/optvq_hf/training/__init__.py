@@ -9,6 +9,7 @@
   decode once, tensors in the hot loop, corrupt images skipped and counted; a bundled demo set;
 * evaluation during training (`evaluate_reconstruction`), with the metrics and pictures of `optvq_hf.metrics`;
 * checkpoints saved and resumed atomically; CPU threads per process; a fresh process for other Accelerate settings.
+* dead-run detection: the mean-image baseline, the reconstructions' spread across images, a collapse verdict.
 """
 
 from .checkpointing import (
@@ -47,6 +48,16 @@ from .data import (
     split_train_and_eval,
     to_pixel_values,
 )
+from .diagnostics import (
+    MIN_CODES_USED,
+    MIN_PSNR_GAIN_DB,
+    MIN_RECONSTRUCTION_SPREAD,
+    CollapseDiagnosis,
+    ReconstructionSpread,
+    diagnose_collapse,
+    mean_image_psnr,
+    reconstruction_spread,
+)
 from .ema import EMAModel
 from .evaluation import RunningMeans, evaluate_reconstruction
 from .losses import (
@@ -70,6 +81,8 @@ __all__ = [
     "StreamingImageDataset", "augment_batch", "build_demo_dataset", "cache_preprocessed", "collate_images",
     "decode_image", "find_image_column", "load_image_dataset", "to_pixel_values", "augmentation_generator",
     "build_image_dataset", "decode_image_column", "decode_images", "iter_image_batches", "split_train_and_eval",
+    "MIN_CODES_USED", "MIN_PSNR_GAIN_DB", "MIN_RECONSTRUCTION_SPREAD", "CollapseDiagnosis", "ReconstructionSpread",
+    "diagnose_collapse", "mean_image_psnr", "reconstruction_spread",
     "EMAModel", "RunningMeans", "evaluate_reconstruction",
     "LPIPS", "LPIPS_WEIGHTS_NAME", "NLayerDiscriminator", "OptVQLoss", "OptVQLossOutput", "adaptive_gan_weight",
     "hinge_discriminator_loss", "vanilla_discriminator_loss",

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ..metrics.functional import code_histogram, codebook_statistics, per_image_psnr, to_unit_images
 from .data import to_pixel_values
+from .diagnostics import ReconstructionSpread
 
 __all__ = ["evaluate_reconstruction", "RunningMeans"]
 
@@ -27,7 +28,8 @@ def _all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def evaluate_reconstruction(model, images: torch.Tensor, batch_size: int = 256,
                             autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                             process_group=None) -> tuple[dict, torch.Tensor]:
-    """Mean per-image PSNR (pixels in [0, 1]) and codebook statistics of `model` on uint8 images.
+    """Mean per-image PSNR (pixels in [0, 1]), codebook statistics and the reconstructions' spread across images (the
+    dead-run signal of [`ReconstructionSpread`]) of `model` on uint8 images.
 
     Process `r` of `w` reconstructs images `r, r + w, ...`; every process runs the same number of batches (the last
     ones padded and masked), so collectives inside the model stay matched. The sums are all-reduced, so every process
@@ -41,8 +43,8 @@ def evaluate_reconstruction(model, images: torch.Tensor, batch_size: int = 256,
         process_group (*optional*): the `torch.distributed` group to reduce over.
 
     Returns:
-        `(metrics, counts)`: `psnr`, `num_eval_images` and every key of [`codebook_statistics`]; the code histogram
-        `(codebook_size,)` float64 on CPU.
+        `(metrics, counts)`: `psnr`, `num_eval_images`, every key of [`codebook_statistics`] and, with two images or
+        more, `reconstruction_spread`; the code histogram `(codebook_size,)` float64 on CPU.
     """
     device = next(model.parameters()).device
     world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
@@ -53,6 +55,7 @@ def evaluate_reconstruction(model, images: torch.Tensor, batch_size: int = 256,
     indices = torch.where(valid, indices, torch.zeros_like(indices))
     codebook_size = model.config.codebook_size
     totals = torch.zeros(2 + codebook_size, dtype=torch.float64)  # PSNR sum, images, code histogram
+    spread = ReconstructionSpread()
     was_training = model.training
     model.eval()
     for start in range(0, per_rank, batch_size):
@@ -64,11 +67,15 @@ def evaluate_reconstruction(model, images: torch.Tensor, batch_size: int = 256,
         totals[0] += float(psnr[mask].sum())
         totals[1] += float(mask.sum())
         totals[2:] += torch.from_numpy(code_histogram(output.token_ids[mask.to(device)], codebook_size))
+        spread.update(pixel_values, output.reconstruction, mask)
     model.train(was_training)
     totals = _all_reduce_sum(totals.to(device), process_group).cpu()
     counts = totals[2:]
     metrics = {"psnr": float(totals[0] / totals[1].clamp_min(1)), "num_eval_images": int(totals[1])}
     metrics.update(codebook_statistics(counts))
+    ratio = spread.reduce_(lambda sums: _all_reduce_sum(sums, process_group)).ratio
+    if math.isfinite(ratio):  # needs two images or more
+        metrics["reconstruction_spread"] = ratio
     return metrics, counts
 
 
