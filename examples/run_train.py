@@ -788,8 +788,8 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
                   "little blurred.",
                   "      Collapsed: every reconstruction the same flat (often grey) square.",
                   f"  {os.path.abspath(metrics['code_usage_histogram'])}",
-                  "      tokens per code, most used first: a long, gently falling curve is good; a few tall bars mean "
-                  "few codes in use."]
+                  "      tokens per code (left) and most used first (right): a long, gently falling curve is good; a "
+                  "few tall bars mean few codes in use."]
     lines += [f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
               f"{json.dumps(metrics.get('collapsed'))})",
               f"  {where}    the model: OptVQModel.from_pretrained({where!r})"]
