@@ -248,6 +248,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
+        from optvq_hf.sinkhorn import set_block_policy
+
+        # as examples/run_train.py: the engine's CPU blocks follow how OpenMP threads wait
+        passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+        set_block_policy("passive" if passive else "active")
         result = run_one(args.one[0], args.one[1], args.repeats, torch.device(args.device), args.autocast, args.compile)
         print("RESULT " + json.dumps(result))
         return

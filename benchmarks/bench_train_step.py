@@ -18,6 +18,10 @@ import time
 import torch
 
 from optvq_hf import OptVQConfig, OptVQModel
+from optvq_hf.sinkhorn import set_block_policy
+
+# as examples/run_train.py: the engine's CPU blocks follow how OpenMP threads wait
+set_block_policy("passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active")
 
 
 def main():

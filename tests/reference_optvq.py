@@ -11,18 +11,22 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_sinkhorn_assign(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
-    """The published algorithm, in float64 and in the exponential domain, with the reference's +1e-8 guards."""
+def reference_cost(features, codebook, normalization="all"):
+    """The published normalized distance matrix `(N, K)`, float64."""
     z = features.detach().double()
     c = codebook.detach().double()
     distances = torch.sqrt(((z[:, None, :] - c[None, :, :]) ** 2).sum(-1))
     if normalization == "all":
-        a = (distances - distances.mean()) / (distances.std() + 1e-6)
-        a = a - a.min()
-    elif normalization == "dim":
-        a = distances / math.sqrt(c.shape[1])
-    else:
-        a = distances
+        cost = (distances - distances.mean()) / (distances.std() + 1e-6)
+        return cost - cost.min()
+    if normalization == "dim":
+        return distances / math.sqrt(c.shape[1])
+    return distances
+
+
+def reference_sinkhorn_assign(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
+    """The published algorithm, in float64 and in the exponential domain, with the reference's +1e-8 guards."""
+    a = reference_cost(features, codebook, normalization)
     q = torch.exp(-epsilon * a).t()  # (K, N)
     num_codes, num_rows = q.shape
     q = q / (q.sum() + 1e-8)
@@ -30,6 +34,17 @@ def reference_sinkhorn_assign(features, codebook, epsilon=10.0, num_iters=5, nor
         q = q / (q.sum(dim=1, keepdim=True) + 1e-8) / num_codes
         q = q / (q.sum(dim=0, keepdim=True) + 1e-8) / num_rows
     return q.t().argmax(dim=1)
+
+
+def reference_equipartition_plan(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
+    """OT-VAE's targets: Sinkhorn without guards in the float64 log domain (code then row normalization, exact
+    marginals), every row of the plan normalized to sum to 1."""
+    log_plan = -epsilon * reference_cost(features, codebook, normalization)
+    num_rows, num_codes = log_plan.shape
+    for _ in range(num_iters):
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=0, keepdim=True) - math.log(num_codes)
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True) - math.log(num_rows)
+    return torch.softmax(log_plan, dim=1)
 
 
 def reference_quantize(features_bchw, codebook, num_heads, assignment, epsilon=10.0, num_iters=5):

@@ -2,7 +2,9 @@
 
 Every rank takes its own, unevenly sized slice of one seeded global batch, assigns it with the global Sinkhorn
 (`process_group="world"`, and through `OptVQQuantizer` in training mode), gathers all ranks' ids, and rank 0 compares
-them with one process on the concatenated batch. Results go to the JSON file named by argv[1].
+them with one process on the concatenated batch. The soft plan (`sinkhorn_plan`, OT-VAE's targets) is checked the same
+way, and `OTVAEQuantizer` for its training / eval / `process_group` behaviour. Results go to the JSON file named by
+argv[1].
 """
 
 import json
@@ -11,19 +13,75 @@ import sys
 import torch
 import torch.distributed as dist
 
-from optvq_hf import OptVQQuantizer
-from optvq_hf.sinkhorn import sinkhorn_assign
+from optvq_hf import OptVQQuantizer, OTVAEQuantizer
+from optvq_hf.sinkhorn import sinkhorn_assign, sinkhorn_plan
 
 
 def gather_ids(local_ids: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (of any shape), concatenated in rank order."""
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local_ids.numel()]))
+    dist.all_gather(sizes, torch.tensor([local_ids.shape[0]]))
     largest = int(max(sizes))
-    padded = torch.full((largest,), -1, dtype=torch.long)
-    padded[: local_ids.numel()] = local_ids
-    gathered = [torch.empty(largest, dtype=torch.long) for _ in sizes]
+    padded = torch.full((largest, *local_ids.shape[1:]), -1, dtype=local_ids.dtype)
+    padded[: local_ids.shape[0]] = local_ids
+    gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(n)] for g, n in zip(gathered, sizes)])
+
+
+def global_batch(name, split, codes, dim, rank):
+    """A seeded global batch of `sum(split)` rows, a codebook, and this rank's slice of the rows."""
+    generator = torch.Generator().manual_seed(len(name) * 1000 + codes)
+    features = torch.randn(sum(split), dim, generator=generator) * 2.0 + 0.5
+    codebook = torch.randn(codes, dim, generator=generator)
+    start = sum(split[:rank])
+    return features, codebook, features[start : start + split[rank]]
+
+
+def soft_plan_cases(rank, results):
+    """The soft plan of the global batch: each rank gets its rows of what one process computes on all of them."""
+    cases = {
+        # name: (rows per rank, codes, dim, normalization, epsilon); "exact": the kernel underflows, exact passes
+        "plan_all": ((300, 137), 64, 8, "all", 10.0),
+        "plan_dim": ((90, 160), 48, 4, "dim", 3.0),
+        "plan_exact": ((120, 80), 32, 2, "all", 1e3),
+        "plan_empty_rank": ((0, 90), 24, 4, "all", 10.0),
+    }
+    for name, (split, codes, dim, normalization, epsilon) in cases.items():
+        features, codebook, local = global_batch(name, split, codes, dim, rank)
+        plan = sinkhorn_plan(local, codebook, epsilon, 5, normalization, process_group="world", block_size=37)
+        gathered = gather_ids(plan)
+        if rank == 0:
+            single = sinkhorn_plan(features, codebook, epsilon, 5, normalization)
+            local_only = sinkhorn_plan(features[: split[0]], codebook, epsilon, 5, normalization)
+            results[name] = {
+                "max_error": float((gathered - single).abs().max()),
+                "local_differs": bool(split[0] == 0 or (gathered[: split[0]] - local_only).abs().max() > 1e-3),
+            }
+
+
+def otvae_cases(rank, results):
+    """OTVAEQuantizer's targets: the global batch in training, its own `process_group`, and no collective in eval."""
+    torch.manual_seed(0)
+    quantizer = OTVAEQuantizer(dim=8, codebook_size=32, num_heads=2).train()
+    rows = torch.randn(2 * 150, 4, generator=torch.Generator().manual_seed(3))
+    local = rows[rank * 150 : (rank + 1) * 150]
+    codebook = quantizer.codebook.detach()
+    synced = gather_ids(quantizer.targets(local, codebook))
+    own_group = [dist.new_group([0]), dist.new_group([1])][rank]
+    quantizer.process_group = own_group  # a group of this rank alone: its own rows
+    grouped = quantizer.targets(local, codebook)
+    quantizer.process_group = None
+    if rank == 0:
+        evaluated = quantizer.eval().targets(local, codebook)  # rank 1 does not take part: no collective in eval
+        joint = sinkhorn_plan(rows, codebook, quantizer.epsilon, quantizer.num_iters, quantizer.normalization)
+        own = sinkhorn_plan(local, codebook, quantizer.epsilon, quantizer.num_iters, quantizer.normalization)
+        results["otvae"] = {
+            "synced_error": float((synced - joint).abs().max()),
+            "group_error": float((grouped - own).abs().max()),
+            "eval_error": float((evaluated - own).abs().max()),
+            "local_differs": float((own - joint[:150]).abs().max()) > 1e-3,
+        }
 
 
 def main():
@@ -39,11 +97,7 @@ def main():
         "empty_rank": ((0, 120), 40, 4, "all", False),
     }
     for name, (split, codes, dim, normalization, streaming) in cases.items():
-        generator = torch.Generator().manual_seed(len(name) * 1000 + codes)
-        features = torch.randn(sum(split), dim, generator=generator) * 2.0 + 0.5
-        codebook = torch.randn(codes, dim, generator=generator)
-        start = sum(split[:rank])
-        local = features[start : start + split[rank]]
+        features, codebook, local = global_batch(name, split, codes, dim, rank)
         ids = sinkhorn_assign(
             local, codebook, normalization=normalization, process_group="world", streaming=streaming, block_size=37
         )
@@ -57,6 +111,9 @@ def main():
                 # the global plan differs from rank 0's own batch (so the test can tell the two apart)
                 "local_differs": bool(split[0] == 0 or not torch.equal(gathered[: split[0]], local_only)),
             }
+
+    soft_plan_cases(rank, results)
+    otvae_cases(rank, results)
 
     # Through the quantizer in training mode: global by default, local with sync_across_ranks=False.
     torch.manual_seed(0)

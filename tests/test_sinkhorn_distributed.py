@@ -1,4 +1,5 @@
-"""Global Sinkhorn across 2 real gloo processes equals one process on the concatenated batch."""
+"""Global Sinkhorn (assignment and soft plan) across 2 real gloo processes equals one process on the concatenated
+batch; OT-VAE's targets follow training / eval mode and `process_group`."""
 
 import json
 import os
@@ -38,3 +39,20 @@ def test_quantizer_syncs_in_training(results):
     result = results["quantizer"]
     assert result["mismatches"] == 0 and result["local_differs"], result
     assert result["unsynced_is_local"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["plan_all", "plan_dim", "plan_exact", "plan_empty_rank"])
+def test_soft_plan_of_two_ranks_equals_one_process(results, case):
+    result = results[case]
+    assert result["max_error"] < 1e-5, result
+    assert result["local_differs"], "the case cannot tell a global plan from a per-rank one"
+
+
+@pytest.mark.slow
+def test_otvae_targets_are_global_in_training_only_and_honor_the_process_group(results):
+    result = results["otvae"]
+    assert result["local_differs"], result
+    assert result["synced_error"] < 1e-5, result  # training: the global batch
+    assert result["group_error"] < 1e-6, result  # its own one-rank process_group: its own rows
+    assert result["eval_error"] < 1e-6, result  # eval: its own rows, and no collective (rank 1 did not join)

@@ -1,5 +1,6 @@
 """The Sinkhorn engine's own guarantees: streaming == cached == a float64 transcription of the published algorithm,
-no plan-sized allocation when streaming, and finite, valid output for degenerate inputs (hypothesis)."""
+no plan-sized allocation when streaming, the soft plan (`sinkhorn_plan`) as the same engine's output, the block
+policy, and finite, valid output for degenerate inputs (hypothesis)."""
 
 import math
 
@@ -8,8 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import optvq_hf.sinkhorn as engine
 from optvq_hf import OptVQQuantizer
-from optvq_hf.sinkhorn import SinkhornWorkspace, euclidean_argmin, sinkhorn_assign
+from optvq_hf.sinkhorn import SinkhornWorkspace, euclidean_argmin, sinkhorn_assign, sinkhorn_plan
+from reference_optvq import reference_equipartition_plan
 
 
 def _published(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
@@ -287,6 +290,73 @@ def test_bad_engine_arguments():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The soft plan
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("rows,codes,dim,num_iters", [(300, 40, 2, 5), (157, 96, 16, 3), (30, 200, 5, 0)])
+def test_soft_plan_is_the_engines_plan(rows, codes, dim, num_iters, normalization):
+    features, codebook = _data(rows, codes, dim, seed=rows + codes)
+    # with the published guards, its row-wise argmax is the engine's assignment ...
+    guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
+    assigned = sinkhorn_assign(features, codebook, 10.0, num_iters, normalization)
+    assert int((guarded.argmax(1) != assigned).sum()) <= 1
+    # ... and without them it is the exact equipartition plan (float64 log-domain reference)
+    exact = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization)
+    expected = reference_equipartition_plan(features, codebook, 10.0, num_iters, normalization)
+    torch.testing.assert_close(exact.double(), expected, atol=2e-5, rtol=0)
+    assert exact.shape == (rows, codes) and exact.dtype == torch.float32 and not exact.requires_grad
+    torch.testing.assert_close(exact.sum(1), torch.ones(rows))
+    # block boundaries anywhere give the same plan
+    torch.testing.assert_close(sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, block_size=7), exact)
+
+
+def test_soft_plan_degenerate_sizes_and_errors():
+    features, codebook = _data(5, 3, 2, seed=0)
+    assert sinkhorn_plan(features[:0], codebook).shape == (0, 3)
+    assert torch.equal(sinkhorn_plan(features, codebook[:1]), torch.ones(5, 1))
+    with pytest.raises(ValueError, match="marginal_guard"):
+        sinkhorn_plan(features, codebook, marginal_guard=-1.0)
+    with pytest.raises(ValueError, match="sinkhorn_plan expects"):
+        sinkhorn_plan(features[0], codebook)
+    with pytest.raises(ValueError, match="block_policy"):
+        sinkhorn_plan(features, codebook, block_policy="spin")
+
+
+def test_soft_plan_allocates_only_its_output():
+    rows, codes = 2048, 1024
+    features, codebook = _data(rows, codes, 8, seed=0)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        sinkhorn_plan(features, codebook)
+    plan_bytes = rows * codes * 4
+    large = [event.cpu_memory_usage for event in prof.events()
+             if event.name == "aten::empty" and event.cpu_memory_usage >= plan_bytes // 8]
+    assert large == [plan_bytes]  # the returned plan itself; the passes work in it and in one block
+
+
+def test_block_policy_is_an_explicit_setting(monkeypatch):
+    cpu = torch.device("cpu")
+    assert engine.get_block_policy() == "active"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the environment no longer decides
+    assert engine._block_entries(cpu) == 1 << 24
+    assert engine._block_entries(cpu, "passive") == 1 << 22
+    features, codebook = _data(3000, 700, 8, seed=1)
+    active = sinkhorn_assign(features, codebook)
+    try:
+        engine.set_block_policy("passive")
+        assert engine.get_block_policy() == "passive" and engine._block_entries(cpu) == 1 << 22
+        assert engine._block_entries(cpu, "active") == 1 << 24  # a call's argument wins
+        assert torch.equal(sinkhorn_assign(features, codebook), active)  # the blocks change, not the result
+        torch.testing.assert_close(sinkhorn_plan(features, codebook), sinkhorn_plan(features, codebook,
+                                                                                    block_policy="active"))
+    finally:
+        engine.set_block_policy("active")
+    with pytest.raises(ValueError, match="block_policy"):
+        engine.set_block_policy("PASSIVE")
+    with pytest.raises(ValueError, match="block_policy"):
+        sinkhorn_assign(features, codebook, block_policy="sleep")
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Property-based robustness
 # ------------------------------------------------------------------------------------------------------------------
 _SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -298,8 +368,8 @@ def _check(ids, rows, codes):
         assert int(ids.min()) >= 0 and int(ids.max()) < codes
 
 
-@_SETTINGS
-@given(
+# any finite input: sizes down to 0 rows and 1 code, scales from 1e-30 to 1e30, huge offsets, constant inputs
+_ANY_INPUT = dict(
     rows=st.integers(0, 40),
     codes=st.integers(1, 40),
     dim=st.integers(1, 6),
@@ -308,9 +378,12 @@ def _check(ids, rows, codes):
     constant=st.booleans(),
     normalization=st.sampled_from(["all", "dim", "none"]),
     num_iters=st.integers(0, 12),
-    streaming=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+
+
+@_SETTINGS
+@given(**_ANY_INPUT, streaming=st.booleans())
 def test_any_finite_input_gives_valid_codes(
     rows, codes, dim, log_scale, offset, constant, normalization, num_iters, streaming, seed
 ):
@@ -354,3 +427,17 @@ def test_quantizer_under_autocast_is_finite(dtype, seed):
     assert output.quantized.dtype == dtype and torch.isfinite(output.quantized.float()).all()
     assert torch.isfinite(output.loss)
     _check(output.token_ids.flatten(), 2 * 4 * 4 * 2, 16)
+
+
+@_SETTINGS
+@given(**_ANY_INPUT, epsilon=st.sampled_from([0.1, 10.0, 1e4]))
+def test_any_finite_input_gives_a_valid_soft_plan(
+    rows, codes, dim, log_scale, offset, constant, normalization, num_iters, epsilon, seed
+):
+    features, codebook = _data(rows, codes, dim, seed, scale=10.0**log_scale, offset=offset)
+    if constant:
+        features = torch.full_like(features, offset)
+        codebook = torch.full_like(codebook, offset)
+    plan = sinkhorn_plan(features, codebook, epsilon, num_iters, normalization)
+    assert plan.shape == (rows, codes) and torch.isfinite(plan).all() and bool((plan >= 0).all())
+    torch.testing.assert_close(plan.sum(1), torch.ones(rows))

@@ -9,9 +9,20 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .configuration_optvq import OptVQConfig
 from .image_processing_optvq import OptVQImageProcessor
 from .modeling_optvq import OptVQEncoderOutput, OptVQModel, OptVQModelOutput, OptVQPreTrainedModel
+from .latent_scaling import compute_scaling_factor
 from .otvae import OTVAEQuantizer
-from .quantization import OptVQQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, nearest_assign
-from .sinkhorn import sinkhorn_assign
+from .quantization import (
+    CodebookQuantizer,
+    OptVQQuantizer,
+    QuantizerOutput,
+    VectorQuantizer,
+    available_quantizer_types,
+    build_quantizer,
+    get_quantizer_class,
+    nearest_assign,
+    register_quantizer,
+)
+from .sinkhorn import sinkhorn_assign, sinkhorn_plan
 
 __version__ = "0.1.0"
 
@@ -26,13 +37,19 @@ __all__ = [
     "OptVQModelOutput",
     "OptVQEncoderOutput",
     "OptVQImageProcessor",
+    "CodebookQuantizer",
     "OptVQQuantizer",
     "VectorQuantizer",
     "OTVAEQuantizer",
     "QuantizerOutput",
+    "register_quantizer",
+    "get_quantizer_class",
+    "available_quantizer_types",
     "build_quantizer",
     "nearest_assign",
     "sinkhorn_assign",
+    "sinkhorn_plan",
+    "compute_scaling_factor",
     "__version__",
 ]
 
@@ -44,9 +61,9 @@ from transformers import AutoProcessor  # noqa: E402
 AutoProcessor.register(OptVQConfig, OptVQProcessor, exist_ok=True)
 __all__ += ["OptVQProcessor", "ImageSequenceLayout"]
 
-# diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` and `compute_scaling_factor` are imported on
-# first access, so `import optvq_hf` works without diffusers.
-_DIFFUSERS_EXPORTS = ("OptVQVQModel", "OptVQDiffusersQuantizer", "compute_scaling_factor")
+# diffusers is optional (extra `optvq-hf[diffusers]`): `OptVQVQModel` is imported on first access, so
+# `import optvq_hf` works without diffusers.
+_DIFFUSERS_EXPORTS = ("OptVQVQModel", "OptVQDiffusersQuantizer")
 
 
 def __getattr__(name):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .quantization import available_quantizer_types, get_quantizer_class
+
 logger = logging.get_logger(__name__)
 
 ARCHITECTURES = ("vqgan", "simple_cnn")
-QUANTIZER_TYPES = ("optvq", "vq", "otvae")
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 NORMALIZATIONS = ("all", "dim", "none")
 
@@ -115,8 +117,9 @@ class OptVQConfig(PretrainedConfig):
         use_codebook_projection (`bool`, *optional*, defaults to `True`):
             Whether the codebook in use is a shared affine projection of the stored table (`use_proj`).
         quantizer_type (`str`, *optional*, defaults to `"optvq"`):
-            `"optvq"` (Sinkhorn assignment during training), `"vq"` (nearest neighbour) or `"otvae"` (OT-VAE:
-            equipartition optimal-transport targets and Gumbel-softmax decoding, see [`OTVAEQuantizer`]).
+            `"optvq"` (Sinkhorn assignment during training), `"vq"` (nearest neighbour), `"otvae"` (OT-VAE:
+            equipartition optimal-transport targets and Gumbel-softmax decoding, see [`OTVAEQuantizer`]), or any
+            other name registered with [`~optvq_hf.quantization.register_quantizer`].
         epsilon (`float`, *optional*, defaults to 10.0):
             Sinkhorn inverse temperature.
         num_iters (`int`, *optional*, defaults to 5):
@@ -207,8 +210,7 @@ class OptVQConfig(PretrainedConfig):
         """Raise a `ValueError` naming the offending field if the configuration cannot describe a model."""
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {self.architecture!r}.")
-        if self.quantizer_type not in QUANTIZER_TYPES:
-            raise ValueError(f"`quantizer_type` must be one of {QUANTIZER_TYPES}, got {self.quantizer_type!r}.")
+        quantizer_class = get_quantizer_class(self.quantizer_type)  # raises, naming the registered types
         if self.inference_assignment not in INFERENCE_ASSIGNMENTS:
             raise ValueError(
                 f"`inference_assignment` must be one of {INFERENCE_ASSIGNMENTS}, got {self.inference_assignment!r}."
@@ -251,6 +253,7 @@ class OptVQConfig(PretrainedConfig):
             raise ValueError(f"`num_iters` must be >= 0, got {self.num_iters}.")
         if not self.gumbel_temperature > 0:
             raise ValueError(f"`gumbel_temperature` must be positive, got {self.gumbel_temperature}.")
+        quantizer_class.validate_config(self)
 
     @property
     def downsample_factor(self) -> int:
@@ -278,3 +281,14 @@ class OptVQConfig(PretrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}.")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+
+#: The fields of an [`OptVQConfig`] (its constructor's parameters): what every front end stores and converts.
+OPTVQ_CONFIG_FIELDS = tuple(name for name in inspect.signature(OptVQConfig.__init__).parameters
+                            if name not in ("self", "kwargs"))
+
+
+def __getattr__(name):
+    if name == "QUANTIZER_TYPES":  # the registry replaced the fixed tuple
+        return available_quantizer_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

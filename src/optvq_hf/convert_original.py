@@ -12,7 +12,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 from typing import Any
@@ -20,14 +19,13 @@ from typing import Any
 import torch
 from transformers.utils import cached_file, logging
 
-from .configuration_optvq import OptVQConfig
+from .configuration_optvq import OPTVQ_CONFIG_FIELDS, OptVQConfig
 
 logger = logging.get_logger(__name__)
 
 ORIGINAL_SECTIONS = ("encoder", "decoder", "quantize")
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 _NORMALIZE_MODES = {"all": "all", "dim": "dim", "null": "none", "none": "none", None: "none"}
-_CONFIG_FIELDS = set(inspect.signature(OptVQConfig.__init__).parameters) - {"self", "kwargs"}
 _RENAMES = (("quantize.proj.", "quantizer.projection."), ("quantize.embedding.", "quantizer.embedding."))
 
 
@@ -44,27 +42,29 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
 
 
-def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The original-layout config dict at `path_or_id`, or `None` when it is not (or cannot be read as) one."""
-    if isinstance(path_or_id, OptVQConfig):
+def read_config_dict(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The `config.json` dict at a local folder or Hub id (hub arguments taken from `kwargs`), or `None` when there is
+    none or it cannot be read."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
         return None
+    hub_kwargs = {key: value for key, value in _hub_kwargs(kwargs).items() if value is not None}
     try:
         config_file = cached_file(
-            str(path_or_id),
-            "config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **_hub_kwargs(kwargs),
+            str(path_or_id), "config.json", _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
         )
-    except (OSError, ValueError):
-        return None
-    if config_file is None:
-        return None
-    with open(config_file, encoding="utf-8") as handle:
-        try:
-            config_dict = json.load(handle)
-        except json.JSONDecodeError:
+        if config_file is None:
             return None
+        with open(config_file, encoding="utf-8") as handle:
+            config_dict = json.load(handle)
+    except (OSError, ValueError):  # json.JSONDecodeError is a ValueError
+        return None
+    return config_dict if isinstance(config_dict, dict) else None
+
+
+def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The original-layout config dict at `path_or_id`, or `None` when it is not (or cannot be read as) one."""
+    config_dict = read_config_dict(path_or_id, kwargs)
     return config_dict if is_original_config(config_dict) else None
 
 
@@ -153,7 +153,7 @@ def load_original_model(model_class, path_or_id, original_config: dict[str, Any]
     device_map = kwargs.pop("device_map", None)
     hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _HUB_KWARGS}
     kwargs.pop("trust_remote_code", None)
-    config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_FIELDS}
+    config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTVQ_CONFIG_FIELDS}
     if kwargs:
         raise TypeError(f"Unexpected arguments for loading an original OptVQ checkpoint: {sorted(kwargs)}.")
     config = config_from_original(original_config, **config_overrides)

@@ -6,6 +6,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .quantization import get_quantizer_class
+
 PAPER_URL = "https://arxiv.org/abs/2412.15195"
 PAPER_TITLE = "Preventing Local Pitfalls in Vector Quantization via Optimal Transport"
 BASE_TAGS = ["optvq", "vector-quantization", "image-tokenizer", "optimal-transport", "arxiv:2412.15195"]
@@ -100,24 +102,12 @@ def build_model_card(
     architecture_text = (
         "VQGAN (taming-transformers)" if config.architecture == "vqgan" else "small CNN (the paper's Table 4, f = 4)"
     )
-    if config.quantizer_type == "optvq":
-        quantizer_text = (
-            f"optimal-transport assignment (Sinkhorn, epsilon={config.epsilon}, {config.num_iters} iterations, "
-            f"`{config.normalization}` distance normalization)"
-        )
-        training_assignment = "Sinkhorn optimal transport over the whole batch"
-    elif config.quantizer_type == "otvae":
-        quantizer_text = (
-            "OT-VAE quantization (equipartition optimal-transport targets, Gumbel-softmax decoding in training, "
-            "nearest code at inference)"
-        )
-        training_assignment = "Gumbel-softmax samples trained towards equipartition Sinkhorn targets"
-    else:
-        quantizer_text = "nearest-neighbour vector quantization"
-        training_assignment = "nearest neighbour"
+    quantizer_class = get_quantizer_class(config.quantizer_type)
+    quantizer_text, training_assignment = quantizer_class.describe(config)
+    inference_assignment = quantizer_class.resolved_inference_assignment(config)
     inference_note = (
         " (batch-independent, deterministic tokens)"
-        if config.inference_assignment == "nearest" or config.quantizer_type != "optvq"
+        if inference_assignment == "nearest"
         else " (the original code's behaviour: tokens depend on the other images of the batch)"
     )
     card_data = ModelCardData(
@@ -169,7 +159,7 @@ def build_model_card(
         if config.use_codebook_projection
         else "",
         training_assignment=training_assignment,
-        inference_assignment=config.inference_assignment if config.quantizer_type == "optvq" else "nearest",
+        inference_assignment=inference_assignment,
         inference_note=inference_note,
         source_text=f"## Source\n\nConverted from the original checkpoint `{source_checkpoint}`.\n\n" if source_checkpoint else "",
         training_text=f"## Training\n\n{training_summary.strip()}\n\n" if training_summary else "",

@@ -12,10 +12,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .backbones import OptVQAttnBlock, OptVQResnetBlock, build_backbone
+from .autoencoder import OptVQAutoencoderMixin
+from .backbones import OptVQAttnBlock, OptVQResnetBlock
 from .configuration_optvq import OptVQConfig
 from .model_card import build_model_card
-from .quantization import OptVQQuantizer, build_quantizer
+from .quantization import CodebookQuantizer, QuantizerOutput
 
 logger = logging.get_logger(__name__)
 
@@ -52,25 +53,13 @@ class OptVQEncoderOutput(ModelOutput):
 
 @dataclass
 class OptVQModelOutput(ModelOutput):
-    """Output of [`OptVQModel.forward`].
+    """Output of [`OptVQModel.forward`]: the reconstruction and every field of [`OptVQEncoderOutput`].
 
     Args:
         reconstruction (`torch.FloatTensor` of shape `(B, out_channels, H, W)`):
             Decoded image, nominally in [-1, 1] (not clamped).
-        token_ids (`torch.LongTensor` of shape `(B, num_heads, h, w)`):
-            Code index of every head at every position.
-        quantization_loss (`torch.FloatTensor` of shape `()`):
-            Commitment + codebook loss of the quantizer.
-        latents (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
-            Pre-quantization latents.
-        quantized (`torch.FloatTensor` of shape `(B, embed_dim, h, w)`):
-            Quantized latents.
-        perplexity (`torch.FloatTensor` of shape `()`):
-            Perplexity of this batch's code histogram.
-        codebook_usage (`torch.FloatTensor` of shape `()`):
-            Fraction of codes used by this batch.
-        code_counts (`torch.FloatTensor` of shape `(codebook_size,)`):
-            How often each code was chosen in this batch.
+        token_ids, quantization_loss, latents, quantized, perplexity, codebook_usage, code_counts:
+            As in [`OptVQEncoderOutput`].
     """
 
     reconstruction: torch.FloatTensor | None = None
@@ -83,6 +72,12 @@ class OptVQModelOutput(ModelOutput):
     code_counts: torch.FloatTensor | None = None
 
 
+def _quantizer_fields(output: QuantizerOutput) -> dict:
+    """The model-output fields of a [`QuantizerOutput`]."""
+    return dict(quantized=output.quantized, token_ids=output.token_ids, quantization_loss=output.loss,
+                perplexity=output.perplexity, codebook_usage=output.codebook_usage, code_counts=output.code_counts)
+
+
 class OptVQPreTrainedModel(PreTrainedModel):
     """Weight initialization and the transformers plumbing shared by OptVQ models."""
 
@@ -92,14 +87,14 @@ class OptVQPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["OptVQResnetBlock", "OptVQAttnBlock", "OptVQQuantizer"]
+    _no_split_modules = ["OptVQResnetBlock", "OptVQAttnBlock", "OptVQQuantizer"]  # per instance: its quantizer's class
     _keep_in_fp32_modules_strict = ["quantizer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         # PyTorch's default initialization for convolutions and norms, as the original code; the quantizer
         # initializes itself (table ~ N(0, 1), projection ~ N(0, 1/d)).
-        if isinstance(module, OptVQQuantizer):
+        if isinstance(module, CodebookQuantizer):
             module.reset_parameters()
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             module.reset_parameters()
@@ -108,10 +103,12 @@ class OptVQPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-class OptVQModel(OptVQPreTrainedModel):
+class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
     r"""
     OptVQ image tokenizer: a VQGAN-style (or small CNN) autoencoder whose latents are quantized by optimal-transport
-    (Sinkhorn) assignment during training and by nearest-neighbour (or Sinkhorn) assignment at inference.
+    (Sinkhorn) assignment during training and by nearest-neighbour (or Sinkhorn) assignment at inference. The network
+    and its steps are the shared core ([`~optvq_hf.autoencoder.OptVQAutoencoderMixin`]; `encode_latents`,
+    `check_pixel_values`, ... come from it); this class adds the transformers API.
 
     Pixels are `(B, C, H, W)` in [-1, 1]; `H` and `W` must be divisible by `config.downsample_factor`.
 
@@ -132,65 +129,20 @@ class OptVQModel(OptVQPreTrainedModel):
 
     def __init__(self, config: OptVQConfig):
         super().__init__(config)
-        self.encoder, self.decoder = build_backbone(config)
-        if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
-            self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
-        else:
-            self.quant_conv = nn.Identity()
-            self.post_quant_conv = nn.Identity()
-        self.quantizer = build_quantizer(config)
+        self._build_autoencoder(config)
         self.post_init()
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Input checks at the public boundary
-    # ----------------------------------------------------------------------------------------------------------
-    def _check_pixel_values(self, pixel_values: torch.Tensor):
-        config = self.config
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"`pixel_values` must have shape (B, {config.in_channels}, H, W), got {tuple(pixel_values.shape)}."
-            )
-        if pixel_values.shape[1] != config.in_channels:
-            raise ValueError(
-                f"`pixel_values` must have {config.in_channels} channels (config.in_channels), got "
-                f"{pixel_values.shape[1]} in shape {tuple(pixel_values.shape)}."
-            )
-        factor = config.downsample_factor
-        height, width = pixel_values.shape[-2:]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"Image height and width must be divisible by the downsampling factor {factor}, got {height}x{width}."
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"`pixel_values` must be floating point in [-1, 1], got dtype {pixel_values.dtype}.")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-            raise ValueError("`pixel_values` contain NaN or Inf values.")
-
-    def _check_latents(self, latents: torch.Tensor, name: str):
-        expected = self.config.embed_dim
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != expected:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`{name}` must have shape (B, {expected}, h, w) (embed_dim={expected}), got {shape}.")
+    @property
+    def optvq_config(self) -> OptVQConfig:
+        return self.config
 
     # ----------------------------------------------------------------------------------------------------------
-    # Public API
+    # Public API: each method checks its input once, then runs the core's steps
     # ----------------------------------------------------------------------------------------------------------
-    def _encoder_dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype if self.config.use_quant_conv else next(self.encoder.parameters()).dtype
-
-    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pre-quantization latents `(B, embed_dim, h, w)` (encoder then `quant_conv`)."""
-        self._check_pixel_values(pixel_values)
-        hidden_states = self.encoder(pixel_values.to(self._encoder_dtype()))
-        return self.quant_conv(hidden_states)
-
     def quantize(self, latents: torch.Tensor):
         """Quantize latents `(B, embed_dim, h, w)`; returns the quantizer's [`QuantizerOutput`]."""
-        self._check_latents(latents, "latents")
-        return self.quantizer(latents)
+        self.check_latents(latents, "latents", quantize=True)
+        return self.quantize_latents(latents)
 
     def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> OptVQEncoderOutput:
         """Encode and quantize images.
@@ -200,37 +152,18 @@ class OptVQModel(OptVQPreTrainedModel):
             return_dict (`bool`, defaults to `True`): return an [`OptVQEncoderOutput`] rather than a tuple.
         """
         latents = self.encode_latents(pixel_values)
-        quantized = self.quantizer(latents)
-        output = OptVQEncoderOutput(
-            latents=latents,
-            quantized=quantized.quantized,
-            token_ids=quantized.token_ids,
-            quantization_loss=quantized.loss,
-            perplexity=quantized.perplexity,
-            codebook_usage=quantized.codebook_usage,
-            code_counts=quantized.code_counts,
-        )
+        quantized = self.quantize_latents(latents)
+        output = OptVQEncoderOutput(latents=latents, **_quantizer_fields(quantized))
         return output if return_dict else output.to_tuple()
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
         """Decode quantized latents `(B, embed_dim, h, w)` to pixels `(B, out_channels, h*f, w*f)`."""
-        self._check_latents(quantized, "quantized")
-        quantized = quantized.to(self.post_quant_conv.weight.dtype if self.config.use_quant_conv else quantized.dtype)
-        return self.decoder(self.post_quant_conv(quantized))
+        self.check_latents(quantized, "quantized")
+        return self.decode_latents(quantized)
 
     def decode_tokens(self, token_ids: torch.LongTensor) -> torch.Tensor:
         """Decode token ids `(B, num_heads, h, w)` (or `(B, h, w)` when `num_heads == 1`) to pixels."""
-        if not isinstance(token_ids, torch.Tensor):
-            raise ValueError(f"`token_ids` must be a torch.Tensor, got {type(token_ids).__name__}.")
-        if token_ids.ndim == 3 and self.config.num_heads == 1:
-            token_ids = token_ids.unsqueeze(1)
-        if token_ids.ndim != 4:
-            raise ValueError(
-                f"`token_ids` must have shape (B, num_heads={self.config.num_heads}, h, w)"
-                + (" or (B, h, w)" if self.config.num_heads == 1 else "")
-                + f", got {tuple(token_ids.shape)}."
-            )
-        return self.decode(self.quantizer.embed_tokens(token_ids))
+        return self.decode_latents(self.embed_token_ids(token_ids))
 
     @torch.no_grad()
     def get_codebook(self) -> torch.Tensor:
@@ -277,17 +210,10 @@ class OptVQModel(OptVQPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, in_channels, H, W)`): images in [-1, 1].
             return_dict (`bool`, *optional*): return an [`OptVQModelOutput`] (default) rather than a tuple.
         """
-        encoded = self.encode(pixel_values)
-        reconstruction = self.decode(encoded.quantized)
+        latents = self.encode_latents(pixel_values)
+        quantized = self.quantize_latents(latents)
         output = OptVQModelOutput(
-            reconstruction=reconstruction,
-            token_ids=encoded.token_ids,
-            quantization_loss=encoded.quantization_loss,
-            latents=encoded.latents,
-            quantized=encoded.quantized,
-            perplexity=encoded.perplexity,
-            codebook_usage=encoded.codebook_usage,
-            code_counts=encoded.code_counts,
+            reconstruction=self.decode_latents(quantized.quantized), latents=latents, **_quantizer_fields(quantized)
         )
         return_dict = True if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()

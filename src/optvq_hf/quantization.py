@@ -1,6 +1,16 @@
-"""The quantizer family: OptVQ (Sinkhorn assignment) and vanilla nearest-neighbour VQ, one implementation.
+"""The quantizer family: a neutral base, a registry keyed by `quantizer_type`, and two members.
 
-Both are plain `nn.Module`s usable on their own::
+[`CodebookQuantizer`] holds what every member shares: the codebook (table + optional shared projection), the head
+split, the `(B, C, H, W)` / `(B, T, C)` layouts, float32 computation, batch statistics, token embedding, codebook
+initialization and input checks. A member overrides the assignment (`assign`), or the whole row quantization
+(`quantize_rows`: OT-VAE decodes a Gumbel-softmax sample), and registers itself under its `quantizer_type`:
+
+* `"vq"`: [`VectorQuantizer`], nearest neighbour (the baseline of the paper's tables);
+* `"optvq"`: [`OptVQQuantizer`], Sinkhorn optimal transport in training ([`~optvq_hf.sinkhorn.sinkhorn_assign`]);
+* `"otvae"`: [`~optvq_hf.otvae.OTVAEQuantizer`], in `otvae.py`.
+
+The config, model building, model cards and the example scripts read the registry, so a new member is one module
+plus one `@register_quantizer(...)` (see docs/quantizer.md)::
 
     quantizer = OptVQQuantizer(dim=64, codebook_size=1024, num_heads=4)
     out = quantizer(features)          # (B, C, H, W) or (B, T, C)
@@ -10,7 +20,9 @@ Both are plain `nn.Module`s usable on their own::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,8 +37,20 @@ from .sinkhorn import (
     euclidean_argmin,
     sinkhorn_assign,
 )
+from .validation import check_finite, check_token_ids
 
-__all__ = ["QuantizerOutput", "OptVQQuantizer", "VectorQuantizer", "nearest_assign", "build_quantizer"]
+__all__ = [
+    "QuantizerOutput",
+    "CodebookQuantizer",
+    "OptVQQuantizer",
+    "VectorQuantizer",
+    "nearest_assign",
+    "squared_error",
+    "register_quantizer",
+    "get_quantizer_class",
+    "available_quantizer_types",
+    "build_quantizer",
+]
 
 ASSIGNMENTS = ("sinkhorn", "nearest")
 
@@ -67,17 +91,80 @@ def nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torch.Long
     return euclidean_argmin(features, codebook)
 
 
+def squared_error(features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The loss form of the original code: `mean((features - codes)^2)`."""
+    return torch.mean((features - codes) ** 2)
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class OptVQQuantizer(nn.Module):
-    r"""Multi-head vector quantizer whose training assignment is OptVQ's Sinkhorn optimal transport.
+# ----------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------
+_QUANTIZERS: dict[str, type] = {}
+
+
+def register_quantizer(name: str, quantizer_class: type | None = None):
+    """Register a [`CodebookQuantizer`] subclass under `quantizer_type=name`; usable as a class decorator.
+
+    Once registered, `OptVQConfig(quantizer_type=name)` validates, `OptVQModel` / `OptVQVQModel` build the member
+    with its `from_config`, model cards describe it and the example scripts train and evaluate it. Registering a
+    name again with a class of the same module and qualified name (a re-run cell) replaces it; another class raises.
+    """
+
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, CodebookQuantizer)):
+            raise ValueError(f"Only CodebookQuantizer subclasses can be registered, got {cls!r}.")
+        existing = _QUANTIZERS.get(name)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"quantizer_type {name!r} is already registered to {existing.__qualname__}.")
+        cls.quantizer_type = name
+        _QUANTIZERS[name] = cls
+        return cls
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A quantizer_type must be a non-empty string, got {name!r}.")
+    return register if quantizer_class is None else register(quantizer_class)
+
+
+def available_quantizer_types() -> tuple[str, ...]:
+    """The registered `quantizer_type` names, in registration order."""
+    return tuple(_QUANTIZERS)
+
+
+def get_quantizer_class(quantizer_type: str) -> type:
+    """The [`CodebookQuantizer`] subclass registered under `quantizer_type` (`ValueError` if none is)."""
+    if quantizer_type not in _QUANTIZERS:
+        raise ValueError(
+            f"`quantizer_type` must be one of {available_quantizer_types()}, got {quantizer_type!r} (register a new "
+            "member with `optvq_hf.register_quantizer`)."
+        )
+    return _QUANTIZERS[quantizer_type]
+
+
+def build_quantizer(config) -> "CodebookQuantizer":
+    """The quantizer an [`OptVQConfig`] describes: `get_quantizer_class(config.quantizer_type).from_config(config)`."""
+    return get_quantizer_class(config.quantizer_type).from_config(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The neutral base
+# ----------------------------------------------------------------------------------------------------------------
+class CodebookQuantizer(nn.Module):
+    r"""Base of the quantizer family: a multi-head codebook quantizer whose members differ only in how rows are
+    assigned to codes.
 
     Each position's `dim` channels are split into `num_heads` contiguous chunks of `dim // num_heads` channels
-    (head `k` owns channels `[k*d, (k+1)*d)`); all heads share one codebook of `codebook_size` codes. All rows of a
-    call (batch x positions x heads) are assigned jointly by Sinkhorn over their Euclidean distance matrix.
-    Computation runs in float32 even under autocast; the output has the input's dtype.
+    (head `k` owns channels `[k*d, (k+1)*d)`); all heads share one codebook of `codebook_size` codes. `forward`
+    flattens any `(B, C, H, W)` or `(B, T, C)` input into rows `(B * positions * heads, d)` (heads innermost), runs
+    [`~CodebookQuantizer.quantize_rows`] in float32 (even under autocast), computes the batch statistics and puts
+    everything back in the input's layout and dtype.
+
+    A member implements [`~CodebookQuantizer.assign`] (the default `quantize_rows` then picks the assigned codes,
+    adds the commitment / codebook loss and the straight-through estimator), or overrides `quantize_rows`
+    altogether. The loss form is the pluggable `loss_form(features, codes)` (default [`squared_error`]).
 
     Args:
         dim (`int`): channels of the features to quantize.
@@ -85,76 +172,79 @@ class OptVQQuantizer(nn.Module):
         num_heads (`int`, defaults to 1): heads; `dim` must be divisible by it.
         use_projection (`bool`, defaults to `True`): the codebook in use is `Linear(embedding.weight)`, a shared
             affine transform of the stored table.
-        epsilon (`float`, defaults to 10.0): Sinkhorn inverse temperature.
-        num_iters (`int`, defaults to 5): Sinkhorn iterations.
-        normalization (`str`, defaults to `"all"`): distance normalization, `"all"`, `"dim"` or `"none"`.
-        commitment_weight (`float`, defaults to 1.0): weight of `mean((z - sg(c))^2)`.
-        beta (`float`, defaults to 0.25): weight of `mean((c - sg(z))^2)` (the original code's convention; the
+        commitment_weight (`float`, defaults to 1.0): weight of `loss_form(z, sg(c))`.
+        beta (`float`, defaults to 0.25): weight of `loss_form(sg(z), c)` (the original code's convention; the
             paper's Eq. 4 swaps the two weights).
-        inference_assignment (`str`, defaults to `"nearest"`): assignment in eval mode, `"nearest"` or `"sinkhorn"`.
-        training_assignment (`str`, defaults to `"sinkhorn"`): assignment in train mode.
-        sinkhorn_streaming (`bool` or `"auto"`, defaults to `"auto"`): `streaming` of
-            [`~optvq_hf.sinkhorn.sinkhorn_assign`]: `False` caches one `(N, K)` distance matrix, `True` recomputes
-            distances block by block (memory `O((N + K) d + block)`), `"auto"` streams above `sinkhorn_dense_limit`.
-        sinkhorn_dense_limit (`int`, defaults to `2**28`): largest `N * K` that `"auto"` caches. The cache lives in
-            a [`~optvq_hf.sinkhorn.SinkhornWorkspace`] kept by the module (`sinkhorn_workspace`) and reused from
-            step to step; `sinkhorn_workspace.release()` frees it (it is never saved or copied).
         sync_across_ranks (`bool`, defaults to `True`): in training, when `torch.distributed` is initialized with
-            more than one rank, the Sinkhorn plan covers the global batch (statistics and marginals all-reduced over
-            `process_group`, the default group unless set), as one process would on the concatenated batch. Every
-            rank must then run the quantizer's training forward together.
+            more than one rank, members whose assignment looks at the whole batch (OptVQ, OT-VAE) cover the global
+            batch, all-reducing over `process_group` (the default group unless set). Every rank must then run the
+            quantizer's training forward together. Eval mode never communicates.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        num_heads: int = 1,
-        use_projection: bool = True,
-        epsilon: float = 10.0,
-        num_iters: int = 5,
-        normalization: str = "all",
-        commitment_weight: float = 1.0,
-        beta: float = 0.25,
-        inference_assignment: str = "nearest",
-        training_assignment: str = "sinkhorn",
-        sinkhorn_streaming: bool | str = "auto",
-        sinkhorn_dense_limit: int = DEFAULT_DENSE_LIMIT,
-        sync_across_ranks: bool = True,
-    ):
+    #: The `quantizer_type` this class is registered under (set by [`register_quantizer`]).
+    quantizer_type: ClassVar[str | None] = None
+    #: Name for logs and summaries.
+    display_name: ClassVar[str] = "quantizer"
+    #: Inference assignments this member supports (`config.inference_assignment` values that change something).
+    inference_assignments: ClassVar[tuple[str, ...]] = ("nearest",)
+    #: Assignments in train and eval mode (instances may override; see `assignment`).
+    training_assignment: str = "nearest"
+    inference_assignment: str = "nearest"
+    #: The loss form `f(features, codes) -> scalar` of the commitment and codebook terms.
+    loss_form = staticmethod(squared_error)
+
+    def __init__(self, dim: int, codebook_size: int, num_heads: int = 1, use_projection: bool = True,
+                 commitment_weight: float = 1.0, beta: float = 0.25, sync_across_ranks: bool = True):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
         if codebook_size < 1:
             raise ValueError(f"`codebook_size` must be >= 1, got {codebook_size}.")
-        if normalization not in VALID_NORMALIZATIONS:
-            raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
-        for name, value in (("inference_assignment", inference_assignment), ("training_assignment", training_assignment)):
-            if value not in ASSIGNMENTS:
-                raise ValueError(f"`{name}` must be one of {ASSIGNMENTS}, got {value!r}.")
         self.dim = dim
         self.codebook_size = codebook_size
         self.num_heads = num_heads
         self.code_dim = dim // num_heads
-        self.epsilon = float(epsilon)
-        self.num_iters = int(num_iters)
-        self.normalization = normalization
         self.commitment_weight = float(commitment_weight)
         self.beta = float(beta)
-        self.inference_assignment = inference_assignment
-        self.training_assignment = training_assignment
-        if sinkhorn_streaming not in ("auto", True, False):
-            raise ValueError(f"`sinkhorn_streaming` must be 'auto', True or False, got {sinkhorn_streaming!r}.")
-        self.sinkhorn_streaming = sinkhorn_streaming
-        self.sinkhorn_dense_limit = int(sinkhorn_dense_limit)
         self.sync_across_ranks = bool(sync_across_ranks)
         self.process_group = None  # None: the default group when syncing
-        self.sinkhorn_workspace = SinkhornWorkspace()
-
         self.embedding = nn.Embedding(codebook_size, self.code_dim)
         self.projection = nn.Linear(self.code_dim, self.code_dim) if use_projection else None
         self.reset_parameters()
 
+    # ---- construction from a config ---------------------------------------------------------------------------
+    @classmethod
+    def config_kwargs(cls, config) -> dict:
+        """The constructor arguments an [`OptVQConfig`] gives this member (members add their own fields)."""
+        return dict(
+            dim=config.embed_dim,
+            codebook_size=config.codebook_size,
+            num_heads=config.num_heads,
+            use_projection=config.use_codebook_projection,
+            commitment_weight=config.commitment_weight,
+            beta=config.beta,
+        )
+
+    @classmethod
+    def from_config(cls, config) -> "CodebookQuantizer":
+        """Build the quantizer an [`OptVQConfig`] describes."""
+        return cls(**cls.config_kwargs(config))
+
+    @classmethod
+    def validate_config(cls, config):
+        """Member-specific checks of an [`OptVQConfig`] (raise `ValueError`); called by `OptVQConfig.validate`."""
+
+    @classmethod
+    def describe(cls, config) -> tuple[str, str]:
+        """For model cards: (what quantizes the latents, how training assigns codes)."""
+        return f"{cls.display_name} quantization", "nearest neighbour"
+
+    @classmethod
+    def resolved_inference_assignment(cls, config) -> str:
+        """The assignment a model of this config uses in eval mode."""
+        return config.inference_assignment if config.inference_assignment in cls.inference_assignments else "nearest"
+
+    # ---- parameters -------------------------------------------------------------------------------------------
     def reset_parameters(self):
         """Initialize as the original code: table ~ N(0, 1), projection weight ~ N(0, 1/code_dim)."""
         nn.init.normal_(self.embedding.weight)
@@ -177,44 +267,77 @@ class OptVQQuantizer(nn.Module):
             return table
         return nn.functional.linear(table, self.projection.weight.float(), self.projection.bias.float())
 
+    @torch.no_grad()
+    def set_codebook(self, codes: torch.Tensor):
+        """Make the codebook in use equal to `codes` `(codebook_size, dim // num_heads)` (codebook initialization).
+
+        With a projection `c = W e + b`, the table becomes `e = W^{-1} (c - b)` so that the projection keeps its
+        initialization; if `W` is singular the projection is reset to the identity and the table set to `codes`.
+        """
+        weight = self.embedding.weight
+        if codes.shape != weight.shape:
+            raise ValueError(
+                f"`codes` must have shape {tuple(weight.shape)} (codebook_size, code_dim), got {tuple(codes.shape)}."
+            )
+        codes = codes.to(device=weight.device, dtype=torch.float32)
+        if self.projection is None:
+            weight.copy_(codes)
+            return
+        w, b = self.projection.weight.float(), self.projection.bias.float()
+        table = None
+        if torch.linalg.matrix_rank(w) == w.shape[0]:
+            table = torch.linalg.solve(w, (codes - b).T).T
+            if not torch.isfinite(table).all() or (table @ w.T + b - codes).abs().max() > 1e-3 * (1 + codes.abs().max()):
+                table = None
+        if table is None:
+            self.projection.weight.copy_(torch.eye(w.shape[0], dtype=self.projection.weight.dtype))
+            self.projection.bias.zero_()
+            table = codes
+        weight.copy_(table.to(weight.dtype))
+
+    # ---- assignment -------------------------------------------------------------------------------------------
     @property
     def assignment(self) -> str:
         """The assignment this module uses now (depends on `self.training`)."""
         return self.training_assignment if self.training else self.inference_assignment
 
-    def assign(self, features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
-        """Token of every row of `features` `(N, dim // num_heads)` under the current assignment."""
-        if self.assignment == "sinkhorn":
-            group = None
-            if self.training and self.sync_across_ranks and torch.distributed.is_available() and (
-                torch.distributed.is_initialized()
-            ):
-                group = self.process_group if self.process_group is not None else "world"
-            if _is_compiling() and group is None:
-                # Under torch.compile: the same algorithm with tensor ops only, so the graph does not break.
-                return dense_sinkhorn_assign(features, codebook, self.epsilon, self.num_iters, self.normalization)
-            engine = torch.compiler.disable(sinkhorn_assign) if _is_compiling() else sinkhorn_assign
-            return engine(
-                features,
-                codebook,
-                self.epsilon,
-                self.num_iters,
-                self.normalization,
-                process_group=group,
-                streaming=self.sinkhorn_streaming,
-                dense_limit=self.sinkhorn_dense_limit,
-                workspace=self.sinkhorn_workspace,
-            )
-        if _is_compiling():
-            return dense_nearest_assign(features, codebook)
-        return nearest_assign(features, codebook)
+    def sync_group(self):
+        """The process group a training assignment covers (`"world"` for the default one), or `None`: local rows."""
+        if self.training and self.sync_across_ranks and torch.distributed.is_available() and (
+            torch.distributed.is_initialized()
+        ):
+            return self.process_group if self.process_group is not None else "world"
+        return None
 
-    def _check_input(self, features: torch.Tensor):
-        if features.ndim not in (3, 4):
-            raise ValueError(
-                f"{type(self).__name__} expects features of shape (B, C, H, W) or (B, T, C), got "
-                f"{tuple(features.shape)}."
-            )
+    def assign(self, features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
+        """Token of every row of `features` `(N, dim // num_heads)`; members implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `assign` or `quantize_rows`.")
+
+    @staticmethod
+    def nearest(features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
+        """Nearest code of every row (block by block; tensor ops only while `torch.compile` traces)."""
+        return dense_nearest_assign(features, codebook) if _is_compiling() else nearest_assign(features, codebook)
+
+    def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
+        """Quantize rows `(N, dim // num_heads)` in float32: returns `(quantized rows, loss, token ids)`.
+
+        The default: `assign`, the chosen codes, the commitment / codebook loss and the straight-through estimator.
+        `forward` handles layouts, heads, dtypes and statistics.
+        """
+        token_ids = self.assign(flat, codebook)
+        chosen = nn.functional.embedding(token_ids, codebook)
+        loss = self.commitment_weight * self.loss_form(flat, chosen.detach()) + self.beta * self.loss_form(
+            flat.detach(), chosen
+        )
+        return flat + (chosen - flat).detach(), loss, token_ids
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def check_input(self, features: torch.Tensor):
+        """Raise a `ValueError` unless `features` is a finite float `(B, dim, H, W)` or `(B, T, dim)` tensor (the
+        finiteness rule of `optvq_hf.validation.check_finite`)."""
+        if not isinstance(features, torch.Tensor) or features.ndim not in (3, 4):
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"{type(self).__name__} expects features of shape (B, C, H, W) or (B, T, C), got {shape}.")
         channels = features.shape[1] if features.ndim == 4 else features.shape[2]
         if channels != self.dim:
             raise ValueError(
@@ -223,12 +346,18 @@ class OptVQQuantizer(nn.Module):
             )
         if not features.is_floating_point():
             raise ValueError(f"Features must be floating point, got {features.dtype}.")
-        if not _is_compiling() and not bool(torch.isfinite(features).all()):
-            raise ValueError("Features contain NaN or Inf values.")
+        check_finite(features, "Features", self.training)
 
-    def forward(self, features: torch.Tensor) -> QuantizerOutput:
-        """Quantize `features` of shape `(B, C, H, W)` or `(B, T, C)`; returns a [`QuantizerOutput`]."""
-        self._check_input(features)
+    def forward(self, features: torch.Tensor, *, check_input: bool = True) -> QuantizerOutput:
+        """Quantize `features` of shape `(B, C, H, W)` or `(B, T, C)`; returns a [`QuantizerOutput`].
+
+        Args:
+            features (`torch.FloatTensor`): the features.
+            check_input (`bool`, defaults to `True`): validate `features`; a model that checked its own inputs
+                passes `False`.
+        """
+        if check_input:
+            self.check_input(features)
         input_dtype = features.dtype
         is_image = features.ndim == 4
         with torch.autocast(device_type=features.device.type, enabled=False):
@@ -256,18 +385,6 @@ class OptVQQuantizer(nn.Module):
             code_counts=code_counts,
         )
 
-    def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
-        """Quantize rows `(N, dim // num_heads)` in float32: returns `(quantized rows, loss, token ids)`.
-
-        The one place a member of the family differs; `forward` handles layouts, heads, dtypes and statistics.
-        """
-        token_ids = self.assign(flat, codebook)
-        chosen = nn.functional.embedding(token_ids, codebook)
-        loss = self.commitment_weight * torch.mean((flat - chosen.detach()) ** 2) + self.beta * torch.mean(
-            (chosen - flat.detach()) ** 2
-        )
-        return flat + (chosen - flat).detach(), loss, token_ids
-
     @torch.no_grad()
     def _statistics(self, token_ids: torch.Tensor):
         counts = torch.zeros(self.codebook_size, device=token_ids.device, dtype=torch.float32)
@@ -277,33 +394,29 @@ class OptVQQuantizer(nn.Module):
         usage = (counts > 0).float().mean()
         return counts, entropy.exp(), usage
 
+    # ---- tokens -----------------------------------------------------------------------------------------------
     def check_token_ids(self, token_ids: torch.Tensor, layout: str = "image"):
         """Raise a `ValueError` if `token_ids` is not an integer tensor of valid codes in the given layout."""
-        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool or token_ids.is_complex():
-            raise ValueError(f"Token ids must be an integer tensor, got dtype {token_ids.dtype}.")
+        check_token_ids(token_ids, None)  # type and dtype first, the range after the shape
         expected = "(B, num_heads, H, W)" if layout == "image" else "(B, T, num_heads)"
         head_axis = 1 if layout == "image" else 2
         if token_ids.ndim != (4 if layout == "image" else 3) or token_ids.shape[head_axis] != self.num_heads:
             raise ValueError(
                 f"Token ids must have shape {expected} with num_heads={self.num_heads}, got {tuple(token_ids.shape)}."
             )
-        if token_ids.numel() and not _is_compiling():
-            low, high = int(token_ids.min()), int(token_ids.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(
-                    f"Token ids must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), got "
-                    f"values in [{low}, {high}]."
-                )
+        check_token_ids(token_ids, self.codebook_size)
 
-    def embed_tokens(self, token_ids: torch.LongTensor) -> torch.FloatTensor:
+    def embed_tokens(self, token_ids: torch.LongTensor, *, check_input: bool = True) -> torch.FloatTensor:
         """Look token ids up in the codebook and put head `k`'s code back in channels `[k*d, (k+1)*d)`.
 
         Args:
             token_ids (`torch.LongTensor`): `(B, num_heads, H, W)` (gives `(B, dim, H, W)`) or `(B, T, num_heads)`
                 (gives `(B, T, dim)`).
+            check_input (`bool`, defaults to `True`): validate `token_ids` (a model that checked them passes `False`).
         """
         layout = "image" if token_ids.ndim == 4 else "sequence"
-        self.check_token_ids(token_ids, layout)
+        if check_input:
+            self.check_token_ids(token_ids, layout)
         codebook = self.codebook
         if layout == "image":
             batch, _, height, width = token_ids.shape
@@ -313,55 +426,125 @@ class OptVQQuantizer(nn.Module):
         return nn.functional.embedding(token_ids.long(), codebook).reshape(batch, length, self.dim)
 
 
-class VectorQuantizer(OptVQQuantizer):
-    """Vanilla VQ: nearest-neighbour assignment in training and inference (the baseline of the paper's tables).
+# ----------------------------------------------------------------------------------------------------------------
+# Members
+# ----------------------------------------------------------------------------------------------------------------
+class _OptVQQuantizerType(type):
+    """Keeps `isinstance(x, OptVQQuantizer)` true, with a `FutureWarning`, for the members that used to derive from
+    `OptVQQuantizer` (`VectorQuantizer`, `OTVAEQuantizer`): test against [`CodebookQuantizer`] instead."""
 
-    Takes the same arguments as [`OptVQQuantizer`] except the Sinkhorn ones and the assignments.
+    def __instancecheck__(cls, instance):
+        return cls.__subclasscheck__(type(instance))
+
+    def __subclasscheck__(cls, subclass):
+        if type.__subclasscheck__(cls, subclass):
+            return True
+        legacy = cls.__name__ == "OptVQQuantizer" and getattr(subclass, "_legacy_optvq_subclass", False)
+        if legacy:
+            warnings.warn(
+                f"{subclass.__name__} no longer derives from OptVQQuantizer; test against "
+                "optvq_hf.CodebookQuantizer for any member of the quantizer family.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        return legacy
+
+
+@register_quantizer("optvq")
+class OptVQQuantizer(CodebookQuantizer, metaclass=_OptVQQuantizerType):
+    r"""Multi-head vector quantizer whose training assignment is OptVQ's Sinkhorn optimal transport.
+
+    All rows of a call (batch x positions x heads) are assigned jointly by Sinkhorn over their Euclidean distance
+    matrix ([`~optvq_hf.sinkhorn.sinkhorn_assign`]). Takes [`CodebookQuantizer`]'s arguments plus:
+
+    Args:
+        epsilon (`float`, defaults to 10.0): Sinkhorn inverse temperature.
+        num_iters (`int`, defaults to 5): Sinkhorn iterations.
+        normalization (`str`, defaults to `"all"`): distance normalization, `"all"`, `"dim"` or `"none"`.
+        inference_assignment (`str`, defaults to `"nearest"`): assignment in eval mode, `"nearest"` or `"sinkhorn"`.
+        training_assignment (`str`, defaults to `"sinkhorn"`): assignment in train mode.
+        sinkhorn_streaming (`bool` or `"auto"`, defaults to `"auto"`): `streaming` of
+            [`~optvq_hf.sinkhorn.sinkhorn_assign`]: `False` caches one `(N, K)` distance matrix, `True` recomputes
+            distances block by block (memory `O((N + K) d + block)`), `"auto"` streams above `sinkhorn_dense_limit`.
+        sinkhorn_dense_limit (`int`, defaults to `2**28`): largest `N * K` that `"auto"` caches. The cache lives in
+            a [`~optvq_hf.sinkhorn.SinkhornWorkspace`] kept by the module (`sinkhorn_workspace`) and reused from
+            step to step; `sinkhorn_workspace.release()` frees it (it is never saved or copied).
     """
 
+    display_name = "OptVQ"
+    inference_assignments = ("nearest", "sinkhorn")
+
     def __init__(self, dim: int, codebook_size: int, num_heads: int = 1, use_projection: bool = True,
-                 commitment_weight: float = 1.0, beta: float = 0.25):
-        super().__init__(
-            dim,
-            codebook_size,
-            num_heads=num_heads,
-            use_projection=use_projection,
-            commitment_weight=commitment_weight,
-            beta=beta,
-            inference_assignment="nearest",
-            training_assignment="nearest",
+                 epsilon: float = 10.0, num_iters: int = 5, normalization: str = "all", commitment_weight: float = 1.0,
+                 beta: float = 0.25, inference_assignment: str = "nearest", training_assignment: str = "sinkhorn",
+                 sinkhorn_streaming: bool | str = "auto", sinkhorn_dense_limit: int = DEFAULT_DENSE_LIMIT,
+                 sync_across_ranks: bool = True):
+        super().__init__(dim, codebook_size, num_heads=num_heads, use_projection=use_projection,
+                         commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks)
+        if normalization not in VALID_NORMALIZATIONS:
+            raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
+        for name, value in (("inference_assignment", inference_assignment), ("training_assignment", training_assignment)):
+            if value not in ASSIGNMENTS:
+                raise ValueError(f"`{name}` must be one of {ASSIGNMENTS}, got {value!r}.")
+        if sinkhorn_streaming not in ("auto", True, False):
+            raise ValueError(f"`sinkhorn_streaming` must be 'auto', True or False, got {sinkhorn_streaming!r}.")
+        self.epsilon = float(epsilon)
+        self.num_iters = int(num_iters)
+        self.normalization = normalization
+        self.inference_assignment = inference_assignment
+        self.training_assignment = training_assignment
+        self.sinkhorn_streaming = sinkhorn_streaming
+        self.sinkhorn_dense_limit = int(sinkhorn_dense_limit)
+        self.sinkhorn_workspace = SinkhornWorkspace()
+
+    @classmethod
+    def config_kwargs(cls, config) -> dict:
+        return dict(super().config_kwargs(config), epsilon=config.epsilon, num_iters=config.num_iters,
+                    normalization=config.normalization, inference_assignment=config.inference_assignment)
+
+    @classmethod
+    def describe(cls, config) -> tuple[str, str]:
+        return (
+            f"optimal-transport assignment (Sinkhorn, epsilon={config.epsilon}, {config.num_iters} iterations, "
+            f"`{config.normalization}` distance normalization)",
+            "Sinkhorn optimal transport over the whole batch",
+        )
+
+    def assign(self, features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
+        """Token of every row of `features` `(N, dim // num_heads)` under the current assignment."""
+        if self.assignment != "sinkhorn":
+            return self.nearest(features, codebook)
+        group = self.sync_group()
+        if _is_compiling() and group is None:
+            # Under torch.compile: the same algorithm with tensor ops only, so the graph does not break.
+            return dense_sinkhorn_assign(features, codebook, self.epsilon, self.num_iters, self.normalization)
+        engine = torch.compiler.disable(sinkhorn_assign) if _is_compiling() else sinkhorn_assign
+        return engine(
+            features,
+            codebook,
+            self.epsilon,
+            self.num_iters,
+            self.normalization,
+            process_group=group,
+            streaming=self.sinkhorn_streaming,
+            dense_limit=self.sinkhorn_dense_limit,
+            workspace=self.sinkhorn_workspace,
         )
 
 
-def build_quantizer(config) -> OptVQQuantizer:
-    """The quantizer an [`OptVQConfig`] describes."""
-    common = dict(
-        dim=config.embed_dim,
-        codebook_size=config.codebook_size,
-        num_heads=config.num_heads,
-        use_projection=config.use_codebook_projection,
-        commitment_weight=config.commitment_weight,
-        beta=config.beta,
-    )
-    if config.quantizer_type == "vq":
-        return VectorQuantizer(**common)
-    if config.quantizer_type == "optvq":
-        return OptVQQuantizer(
-            **common,
-            epsilon=config.epsilon,
-            num_iters=config.num_iters,
-            normalization=config.normalization,
-            inference_assignment=config.inference_assignment,
-        )
-    if config.quantizer_type == "otvae":
-        from .otvae import OTVAEQuantizer
+@register_quantizer("vq")
+class VectorQuantizer(CodebookQuantizer):
+    """Vanilla VQ: nearest-neighbour assignment in training and inference (the baseline of the paper's tables).
 
-        return OTVAEQuantizer(
-            **common,
-            epsilon=config.epsilon,
-            num_iters=config.num_iters,
-            normalization=config.normalization,
-            gumbel_temperature=getattr(config, "gumbel_temperature", 1.0),
-            gumbel_hard=getattr(config, "gumbel_hard", False),
-        )
-    raise ValueError(f"Unknown quantizer_type {config.quantizer_type!r}.")
+    Takes [`CodebookQuantizer`]'s arguments.
+    """
+
+    display_name = "VQ"
+    _legacy_optvq_subclass = True
+
+    @classmethod
+    def describe(cls, config) -> tuple[str, str]:
+        return "nearest-neighbour vector quantization", "nearest neighbour"
+
+    def assign(self, features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
+        return self.nearest(features, codebook)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .validation import check_token_ids
+
 __all__ = ["HEAD_VOCABULARIES", "ImageSequenceLayout", "tokens_to_sequence", "sequence_to_tokens", "normalize_grid_size"]
 
 HEAD_VOCABULARIES = ("shared", "per_head")
@@ -197,10 +199,7 @@ class ImageSequenceLayout:
     # Conversions
     # ------------------------------------------------------------------------------------------------------------
     def _check_token_ids(self, token_ids) -> torch.Tensor:
-        if not isinstance(token_ids, torch.Tensor):
-            raise ValueError(f"`token_ids` must be a torch.Tensor, got {type(token_ids).__name__}.")
-        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool or token_ids.is_complex():
-            raise ValueError(f"`token_ids` must be an integer tensor, got dtype {token_ids.dtype}.")
+        check_token_ids(token_ids, None, "`token_ids`")
         if token_ids.ndim == 3 and self.num_heads == 1:
             token_ids = token_ids.unsqueeze(1)
         if token_ids.ndim != 4 or token_ids.shape[1] != self.num_heads:
@@ -209,14 +208,7 @@ class ImageSequenceLayout:
                 + (" or (B, h, w)" if self.num_heads == 1 else "")
                 + f", got {tuple(token_ids.shape)}."
             )
-        if token_ids.numel():
-            low, high = int(token_ids.min()), int(token_ids.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(
-                    f"`token_ids` must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), "
-                    f"got values in [{low}, {high}]."
-                )
-        return token_ids.long()
+        return check_token_ids(token_ids, self.codebook_size, "`token_ids`").long()
 
     def _head_shift(self, device) -> torch.Tensor:
         if self.head_vocabulary == "per_head":

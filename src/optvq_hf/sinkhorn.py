@@ -29,7 +29,6 @@ or from the features themselves in the streaming path), so no ``N x K`` plan is 
 from __future__ import annotations
 
 import math
-import os
 import threading
 from contextlib import nullcontext
 
@@ -42,6 +41,10 @@ __all__ = [
     "euclidean_argmin",
     "normalize_distances",
     "pairwise_euclidean",
+    "sinkhorn_plan",
+    "set_block_policy",
+    "get_block_policy",
+    "BLOCK_POLICIES",
     "VALID_NORMALIZATIONS",
     "DEFAULT_DENSE_LIMIT",
 ]
@@ -56,9 +59,9 @@ DEFAULT_DENSE_LIMIT = 1 << 28
 # hundred rows to run at full speed) and processed in blocks of about _block_entries() entries. On CPU the block size
 # trades cache locality against the number of parallel ops, each of which ends in an OpenMP barrier: when another
 # process competes for the cores, a barrier with spinning threads (OpenMP's default) can cost a scheduler slice, and
-# 16 MiB blocks were 2.3x slower than 64 MiB ones at both benchmark shapes; with OMP_WAIT_POLICY=PASSIVE (set by
-# examples/run_train.py) 16 MiB blocks were 10-15% faster idle and as fast under contention (docs/benchmarks.md).
-# On accelerators every block costs kernel launches instead: 256 MiB.
+# 16 MiB blocks were 2.3x slower than 64 MiB ones at both benchmark shapes; with passive OpenMP threads
+# (OMP_WAIT_POLICY=PASSIVE) 16 MiB blocks were 10-15% faster idle and as fast under contention (docs/benchmarks.md).
+# Which applies is the block policy (set_block_policy). On accelerators every block costs kernel launches: 256 MiB.
 _CHUNK_ENTRIES = 1 << 24
 _BLOCK_ENTRIES = 1 << 24
 _PASSIVE_BLOCK_ENTRIES = 1 << 22
@@ -122,8 +125,11 @@ def _validate_pair(features: torch.Tensor, codebook: torch.Tensor, name: str):
         raise ValueError(f"features and codebook must be floating point, got {features.dtype} and {codebook.dtype}.")
 
 
-def _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace):
-    _validate_pair(features, codebook, "sinkhorn_assign")
+def _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace, block_policy,
+              name="sinkhorn_assign"):
+    _validate_pair(features, codebook, name)
+    if block_policy is not None:
+        _check_block_policy(block_policy)
     if workspace is not None and not isinstance(workspace, SinkhornWorkspace):
         raise ValueError(f"`workspace` must be a SinkhornWorkspace or None, got {type(workspace).__name__}.")
     if normalization not in VALID_NORMALIZATIONS:
@@ -222,11 +228,42 @@ class _Distances:
         return out.clamp_min_(0.0).sqrt_()
 
 
-def _block_entries(device: torch.device) -> int:
+# ----------------------------------------------------------------------------------------------------------------
+# Block policy
+# ----------------------------------------------------------------------------------------------------------------
+BLOCK_POLICIES = ("active", "passive")
+_block_policy = "active"
+
+
+def set_block_policy(policy: str):
+    """Set how the engine sizes its CPU blocks for the rest of the process (each call may override it).
+
+    Args:
+        policy (`str`): how this process's OpenMP threads wait, which decides the best block size on CPU:
+            `"active"` (the default, OpenMP's own default of spinning threads: 64 MiB blocks, fewer barriers) or
+            `"passive"` (threads that sleep, as with `OMP_WAIT_POLICY=PASSIVE`: 16 MiB blocks, which stay in the
+            last-level cache). Set `"passive"` together with `OMP_WAIT_POLICY=PASSIVE`; accelerators ignore it.
+    """
+    global _block_policy
+    _block_policy = _check_block_policy(policy)
+
+
+def get_block_policy() -> str:
+    """The block policy in effect (see [`set_block_policy`])."""
+    return _block_policy
+
+
+def _check_block_policy(policy: str) -> str:
+    if policy not in BLOCK_POLICIES:
+        raise ValueError(f"`block_policy` must be one of {BLOCK_POLICIES}, got {policy!r}.")
+    return policy
+
+
+def _block_entries(device: torch.device, policy: str | None = None) -> int:
     if device.type != "cpu":
         return _ACCELERATOR_BLOCK_ENTRIES
-    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-    return _PASSIVE_BLOCK_ENTRIES if passive else _BLOCK_ENTRIES
+    policy = _block_policy if policy is None else policy
+    return _PASSIVE_BLOCK_ENTRIES if policy == "passive" else _BLOCK_ENTRIES
 
 
 def _chunk_rows(num_codes: int, block_size: int | None) -> int:
@@ -409,6 +446,7 @@ def sinkhorn_assign(
     block_size: int | None = None,
     dense_limit: int = DEFAULT_DENSE_LIMIT,
     workspace: SinkhornWorkspace | None = None,
+    block_policy: str | None = None,
 ) -> torch.LongTensor:
     """Assign each feature to a code by entropic optimal transport (OptVQ's Sinkhorn assignment).
 
@@ -442,11 +480,14 @@ def sinkhorn_assign(
         workspace ([`SinkhornWorkspace`], *optional*):
             Where the cached path keeps its ``(N, K)`` buffer, reused across calls (saves a plan-sized allocation
             and its page faults per call). By default the buffer is allocated per call and freed on return.
+        block_policy (`str`, *optional*):
+            `"active"` or `"passive"`: how CPU blocks are sized (see [`set_block_policy`]); by default the
+            process-wide setting.
 
     Returns:
         `torch.LongTensor` of shape `(N,)`: the code index of every row.
     """
-    _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace)
+    _validate(features, codebook, epsilon, num_iters, normalization, streaming, block_size, workspace, block_policy)
     group = _resolve_group(process_group)
     device = features.device
     num_rows, num_codes = features.shape[0], codebook.shape[0]
@@ -457,19 +498,45 @@ def sinkhorn_assign(
         return euclidean_argmin(features, codebook, block_size)
     if streaming == "auto":
         streaming = num_rows * num_codes > dense_limit
-    with _no_autocast(device):
-        return _sinkhorn(
-            features.detach().float(),
-            codebook.detach().float(),
-            float(epsilon),
-            int(num_iters),
-            normalization,
-            group,
-            not streaming,
-            _chunk_rows(num_codes, block_size),
-            _block_entries(device),
-            workspace,
-        )
+    return _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, not streaming, block_size,
+                     block_policy, workspace)
+
+
+@torch.no_grad()
+def sinkhorn_plan(features: torch.Tensor, codebook: torch.Tensor, epsilon: float = 10.0, num_iters: int = 5,
+                  normalization: str = "all", *, process_group=None, marginal_guard: float = 0.0,
+                  block_size: int | None = None, block_policy: str | None = None) -> torch.Tensor:
+    """Soft assignment by entropic optimal transport: the Sinkhorn plan's rows, each rescaled to sum to 1.
+
+    The same engine and recursion as [`sinkhorn_assign`] (distances, normalization, ``num_iters`` rounds of code
+    then row normalization), returning the plan instead of its row-wise argmax: OT-VAE's equipartition targets.
+    The ``(N, K)`` result is the only plan-sized allocation; the passes run on it in place, block by block.
+
+    Args:
+        features (`torch.Tensor` of shape `(N, d)`), codebook (`torch.Tensor` of shape `(K, d)`), epsilon (`float`),
+        num_iters (`int`), normalization (`str`), process_group, block_size, block_policy:
+            as for [`sinkhorn_assign`]. With a `process_group`, the plan covers the concatenated batch of all ranks
+            (global statistics, total and code totals) and each rank receives its own rows.
+        marginal_guard (`float`, defaults to 0.0):
+            Added to every total before dividing by it. `0` gives exact equipartition (every code receives mass
+            `N / K`, however far it lies); `1e-8` reproduces the published algorithm's guards, whose row-wise argmax
+            is [`sinkhorn_assign`]'s assignment.
+
+    Returns:
+        `torch.FloatTensor` of shape `(N, K)`, float32, rows summing to 1, without gradient.
+    """
+    _validate(features, codebook, epsilon, num_iters, normalization, False, block_size, None, block_policy,
+              name="sinkhorn_plan")
+    if not (marginal_guard >= 0 and math.isfinite(marginal_guard)):
+        raise ValueError(f"`marginal_guard` must be a finite number >= 0, got {marginal_guard}.")
+    group = _resolve_group(process_group)
+    device = features.device
+    num_rows, num_codes = features.shape[0], codebook.shape[0]
+    if num_codes == 1:
+        return torch.ones(num_rows, 1, dtype=torch.float32, device=device)
+    log_guard = math.log(marginal_guard) if marginal_guard > 0 else -math.inf
+    return _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, True, block_size, block_policy,
+                     None, soft=True, log_guard=log_guard)
 
 
 def _log_row_totals(logits: torch.Tensor):
@@ -567,23 +634,44 @@ def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
     return cost_scale, minimum, row_min, pivot
 
 
-def _sinkhorn(
-    features, codebook, epsilon, num_iters, normalization, group, cache, chunk_rows, block_entries, workspace
-):
+def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cache, block_size, block_policy, workspace,
+              soft=False, log_guard=_LOG_GUARD):
+    """The engine: the assignment, or (`soft=True`, always cached) the plan with every row normalized."""
+    with _no_autocast(features.device):
+        return _sinkhorn_float32(features.detach().float(), codebook.detach().float(), float(epsilon), int(num_iters),
+                                 normalization, group, cache, block_size, block_policy, workspace, soft, log_guard)
+
+
+def _sinkhorn_float32(features, codebook, epsilon, num_iters, normalization, group, cache, block_size, block_policy,
+                      workspace, soft, log_guard):
     device = features.device
     num_rows = features.shape[0]
     distances = _Distances(features, codebook, group)
-    plan = _Plan(distances, num_rows, chunk_rows, cache, block_entries, workspace)
+    chunk_rows = _chunk_rows(codebook.shape[0], block_size)
+    plan = _Plan(distances, num_rows, chunk_rows, cache, _block_entries(device, block_policy), workspace)
     total_rows = int(_all_reduce(torch.tensor([num_rows], dtype=torch.float64, device=device), "sum", group)[0])
     if total_rows == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
+        return features.new_zeros(0, codebook.shape[0]) if soft else torch.zeros(0, dtype=torch.long, device=device)
     cost_scale, shift, row_min, pivot = _cost_map(distances, plan, normalization, epsilon, group, total_rows)
+    if soft:
+        if row_min is None:  # a rank without rows
+            row_min = torch.zeros(0, dtype=torch.float32, device=device)
+        plan_rows = _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows,
+                                        soft=True, log_guard=log_guard)
+        if plan_rows is None:  # a code total that the kernel's float32 range cannot vouch for: the exact passes
+            plan.cached = False  # recompute lambda * D into the cache
+            plan_rows = _soft_plan_passes(plan, row_min + pivot, cost_scale, shift, num_iters, group, total_rows,
+                                          log_guard)
+        return plan_rows
     if plan.cache is not None:
         return _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows)
-    return _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows)
+    # streaming, or a rank without rows (which joins the other ranks' collectives on this path)
+    ids = _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows)
+    return ids[:0] if num_rows == 0 else ids
 
 
-def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows):
+def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows, soft=False,
+                        log_guard=_LOG_GUARD):
     """The recursion in scaling-vector form on the cached, row-stabilized kernel.
 
     With the plan's true row and code potentials ``a``, ``b`` (float64, as in the log-domain path), the cache holds
@@ -593,17 +681,25 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     block for the row totals (``G @ exp(b - c)``) and one for the code totals (``G^T @ exp(a + m)``): no ``exp`` or
     ``log`` of plan-sized data. Once ``b - c`` spans more than ``_CODE_SPREAD`` nats, the kernel is rebuilt from the
     distances with ``c = b``. See docs/sinkhorn.md for why nothing that float32 drops can matter.
+
+    ``soft=True`` returns the cache holding the plan with every row normalized instead of the row-wise argmax. The
+    guards may then be off (``log_guard = -inf``): a code total is then only trusted while it stays far above what
+    the kernel's floored entries could add to it; otherwise this returns ``None`` (on every rank alike) and the
+    caller runs the exact passes (`_soft_plan_passes`).
     """
     num_rows, num_codes = plan.num_rows, plan.num_codes
-    device = plan.cache.device
+    device = plan.distances.features.device
     f64 = dict(dtype=torch.float64, device=device)
-    guard = torch.tensor(_LOG_GUARD, **f64)
+    guard = torch.tensor(log_guard, **f64)
     log_rows, log_codes = math.log(total_rows), math.log(num_codes)
     # a block's row sums (K terms <= e^sigma) and code totals (block rows terms, weights <= 1) stay finite
     sigma = _FLOAT32_LOG_MAX - 1.0 - math.log(max(plan.rows, num_codes))
     headroom = torch.tensor(sigma, dtype=torch.float32, device=device)
     row_sums = torch.empty(num_rows, dtype=torch.float32, device=device)
     row_max = torch.empty(num_rows, dtype=torch.float32, device=device)
+    # Every floored kernel entry adds at most e^_EXP_FLOOR (weights <= 1): a code total this far above all of them
+    # together is exact in float32.
+    trusted = math.log(total_rows) + _EXP_FLOOR + 17.0
 
     def rebuild_kernel(code_potentials):
         """Rebuild ``G`` in the cache from the distances for ``c = code_potentials``; return ``m`` (float64)."""
@@ -615,9 +711,16 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
             block.sub_(top[:, None]).add_(headroom).clamp_min_(_EXP_FLOOR).exp_()
         return row_max.double() + code_potentials.max()
 
+    def untrusted(column):
+        """Whether a guard-free soft plan cannot rely on these code totals (agreed over ranks)."""
+        if not soft or log_guard > -math.inf:
+            return False
+        failed = torch.tensor([float(bool((column.log() < trusted).any()))], **f64)
+        return bool(_all_reduce(failed, "max", group)[0] > 0)
+
     # ---- pass 1: the kernel (the cache holds x - pivot; m is known from pass 0), the initial totals -------------
     kernel_rows = (row_min.double() + pivot - shift) * (-cost_scale)
-    top = float(kernel_rows.max())
+    top = float(kernel_rows.max()) if num_rows else -math.inf
     weights = torch.exp(kernel_rows - top).float()
     column = torch.zeros(num_codes, **f64)
     for start, stop, block in plan.blocks():
@@ -628,6 +731,8 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     total = (row_sums.double() * weights.double()).sum()
     packed, top = _reduce_scaled(torch.cat([column, total.reshape(1)]), top, group)
     column, total = packed[:-1], packed[-1]
+    if untrusted(column):
+        return None
     # Q = exp(logits) / (sum + 1e-8), where exp(logits[i, j]) = G[i, j] exp(m[i] - sigma)
     log_norm = torch.logaddexp(torch.log(total) + top - sigma, guard)
     row_potentials = (-log_norm).expand(num_rows).clone()
@@ -636,20 +741,24 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     kernel_codes = torch.zeros(num_codes, **f64)
 
     ids = torch.empty(num_rows, dtype=torch.long, device=device)
-    for iteration in range(num_iters):
-        code_potentials -= torch.logaddexp(log_columns, guard) + log_codes  # code normalization
+    for iteration in range(num_iters + int(soft and num_iters == 0)):
+        if num_iters:
+            code_potentials -= torch.logaddexp(log_columns, guard) + log_codes  # code normalization
         pending = code_potentials - kernel_codes
-        if iteration < num_iters - 1 and float(pending.max() - pending.min()) > _CODE_SPREAD:
+        last = iteration >= num_iters - 1
+        if (soft or not last) and float(pending.max() - pending.min()) > _CODE_SPREAD:
             kernel_rows = rebuild_kernel(code_potentials)
             kernel_codes = code_potentials.clone()
             pending = torch.zeros_like(pending)
         pending_top, pending_bottom = pending.max(), pending.min()
         factors = torch.exp(pending - pending_top).float()
-        if iteration == num_iters - 1:
-            # the last row normalization does not move any row's argmax: argmax_j G[i, j] exp(b[j] - c[j])
+        if last:
             for start, stop, block in plan.blocks():
-                _first_extreme_per_row(block.mul_(factors), ids[start:stop])
-            return ids
+                if soft:  # the plan's rows G[i, j] exp(b[j] - c[j]), normalized (their scale a[i] + m[i] cancels)
+                    block.mul_(factors).div_(block.sum(dim=1, keepdim=True))
+                else:  # the last row normalization does not move any row's argmax
+                    _first_extreme_per_row(block.mul_(factors), ids[start:stop])
+            return (plan.cache if num_rows else plan.distances.features.new_zeros(0, num_codes)) if soft else ids
         # Each row of G has an entry e^sigma, so after its normalization a[i] + m[i] - sigma <= this bound and the
         # code totals' weights exp(a + m - sigma - bound) are at most 1.
         bound = float(-log_rows - sigma - pending_bottom)
@@ -663,8 +772,86 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
             potentials -= torch.logaddexp(potentials + scale + pending_top + sums.double().log(), guard) + log_rows
             column += (block.t() @ torch.exp(potentials + scale - bound).float()).double()
         column, column_scale = _reduce_scaled(column, bound, group)
+        if untrusted(column):
+            return None
         log_columns = torch.log(column) + column_scale + pending
     return ids  # num_iters == 0 is nearest neighbour, handled by the caller
+
+
+def _soft_plan_passes(plan, row_base, cost_scale, shift, num_iters, group, total_rows, log_guard):
+    """The soft plan: the recursion in the exact log domain on logits cached in the output, block by block.
+
+    The cache (the returned ``(N, K)`` tensor), refilled with ``lambda * D``, becomes each row's logits relative to
+    its largest, ``L'[i, j] = -k * (lambda D[i, j] - row_base[i]) <= 0`` (``row_base`` each row's smallest
+    ``lambda * D``); the row offsets
+    ``o[i]``, the row potentials ``a`` and the code potentials ``b`` are float64 vectors, so
+    ``Q[i, j] = exp(o[i] + L'[i, j] + a[i] + b[j])``. A pass computes per block, in one block-sized scratch buffer,
+    the row totals (log-sum-exp over codes) and, after the row normalization, the block's share of the code totals
+    (log-sum-exp over rows, merged across blocks and ranks in float64). Unlike the assignment's kernel passes, every
+    total is exact however far a code lies (``exp`` only sees values within 87 nats of the running maximum, whose
+    dropped remainder is below float32 resolution), so `marginal_guard=0` gives exact equipartition.
+    """
+    num_rows, num_codes = plan.num_rows, plan.num_codes
+    device = plan.distances.features.device
+    f64 = dict(dtype=torch.float64, device=device)
+    guard = torch.tensor(log_guard, **f64)
+    log_rows, log_codes = math.log(total_rows), math.log(num_codes)
+    offsets = (row_base.double() - shift) * (-cost_scale)  # o[i]: each row's largest logit
+    scratch = plan.cache.new_empty(plan.rows, num_codes) if plan.cache is not None else None
+
+    def add_column_share(totals, block, row_weights):
+        """Merge ``log sum_i exp(L'[i, j] + row_weights[i])`` over this block's rows into ``totals`` (float64)."""
+        top = row_weights.max()
+        work = torch.add(block, (row_weights - top).float()[:, None], out=scratch[: block.shape[0]])
+        column_max = work.amax(dim=0)
+        sums = work.sub_(column_max).clamp_min_(_EXP_FLOOR).exp_().sum(dim=0)
+        return torch.logaddexp(totals, top + column_max.double() + sums.double().log())
+
+    def reduce_columns(totals):
+        if group is None:
+            return totals
+        common = _all_reduce(totals.clone(), "max", group)
+        return common + _all_reduce(torch.exp(totals - common), "sum", group).log()
+
+    # ---- pass 1: the cache becomes L' (in place), and the initial plan's code totals ---------------------------
+    log_columns = torch.full((num_codes,), -math.inf, **f64)
+    for start, stop, block in plan.blocks():
+        block.sub_(row_base[start:stop, None]).mul_(-cost_scale)
+        log_columns = add_column_share(log_columns, block, offsets[start:stop])
+    log_columns = reduce_columns(log_columns)
+    # Q = exp(logits) / (sum + guard): the same row potential for every row
+    initial = -torch.logaddexp(torch.logsumexp(log_columns, dim=0), guard)
+    row_potentials = initial.expand(num_rows).clone()
+    log_columns = log_columns + initial
+    code_potentials = torch.zeros(num_codes, **f64)
+
+    # ---- iterations: code update, then one fused pass (row update + the next code totals) ----------------------
+    for iteration in range(num_iters):
+        code_potentials -= torch.logaddexp(log_columns, guard) + log_codes
+        if iteration == num_iters - 1:
+            break  # the final row normalization is the output's
+        code_top = code_potentials.max()
+        shifted = (code_potentials - code_top).float()
+        log_columns = torch.full((num_codes,), -math.inf, **f64)
+        for start, stop, block in plan.blocks():
+            work = torch.add(block, shifted, out=scratch[: stop - start])
+            row_max = work.amax(dim=1)
+            sums = work.sub_(row_max[:, None]).clamp_min_(_EXP_FLOOR).exp_().sum(dim=1)
+            potentials = row_potentials[start:stop]
+            log_totals = potentials + offsets[start:stop] + code_top + row_max.double() + sums.double().log()
+            potentials -= torch.logaddexp(log_totals, guard) + log_rows
+            log_columns = add_column_share(log_columns, block, potentials + offsets[start:stop])
+        log_columns = code_potentials + reduce_columns(log_columns)
+
+    # ---- the output: every row of the plan normalized, softmax_j (L'[i, j] + b[j]), in place -----------------
+    if plan.cache is None:  # a rank without rows
+        return plan.distances.features.new_zeros(0, num_codes)
+    shifted = (code_potentials - code_potentials.max()).float()
+    for _, _, block in plan.blocks():
+        block.add_(shifted)
+        block.sub_(block.amax(dim=1, keepdim=True)).clamp_min_(_EXP_FLOOR).exp_()
+        block.div_(block.sum(dim=1, keepdim=True))
+    return plan.cache
 
 
 def _log_domain_passes(plan, cost_scale, shift, num_iters, group, total_rows):
@@ -768,13 +955,8 @@ def dense_nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def dense_sinkhorn_assign(
-    features: torch.Tensor,
-    codebook: torch.Tensor,
-    epsilon: float = 10.0,
-    num_iters: int = 5,
-    normalization: str = "all",
-) -> torch.LongTensor:
+def dense_sinkhorn_assign(features: torch.Tensor, codebook: torch.Tensor, epsilon: float = 10.0, num_iters: int = 5,
+                          normalization: str = "all") -> torch.LongTensor:
     """Single-process Sinkhorn assignment with tensor ops only (no host synchronization), for `torch.compile`.
 
     Same algorithm and guards as :func:`sinkhorn_assign`, on a materialized ``N x K`` matrix: the quantizer uses it
