@@ -21,17 +21,17 @@ def _table2():
     return module
 
 
-def _documented_command() -> list[str]:
-    """The run_train command of docs/training.md, section "Reproducing Table 2" (first bash block)."""
+def _documented_command(script: str = "examples/run_train.py") -> list[str]:
+    """The arguments of `script` in docs/training.md, section "Reproducing Table 2" (first bash block)."""
     with open(os.path.join(ROOT, "docs", "training.md")) as handle:
         text = handle.read()
     section = text[text.index("## Reproducing Table 2"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     for line in block.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
-        if "examples/run_train.py" in words:
-            return words[words.index("examples/run_train.py") + 1:]
-    raise AssertionError("no run_train.py command in the section")
+        if script in words:
+            return words[words.index(script) + 1:]
+    raise AssertionError(f"no {script} command in the section")
 
 
 def test_documented_recipe_is_the_benchmarks_recipe():
@@ -45,6 +45,20 @@ def test_documented_recipe_is_the_benchmarks_recipe():
     # two processes of one thread each, as the docs say
     assert "torch.distributed.run" in command and command[command.index("--nproc_per_node") + 1] == "2"
     assert documented.model_config_name_or_path == "optvq-mnist"
+
+
+def test_documented_scoring_command_is_the_benchmarks():
+    """The documented run_eval command parses (every flag exists) and scores what the issue asks: the whole test
+    split of the trained model, nearest-neighbour tokens, as the benchmark does."""
+    import run_eval
+
+    table2 = _table2()
+    documented = run_eval.parse_args(_documented_command("examples/run_eval.py"))
+    command = table2.eval_command(table2.parse_args(["--budget", "paper"]), "optvq", "model", "out")
+    benchmark = run_eval.parse_args(command[command.index(os.path.join(ROOT, "examples", "run_eval.py")) + 1:])
+    assert documented.split == benchmark.split == "test"
+    assert documented.max_eval_samples is None and benchmark.max_eval_samples is None  # all 10,000 digits
+    assert documented.model == _documented_command()[_documented_command().index("--output_dir") + 1]
 
 
 def test_table2_paper_budget_end_to_end_on_tiny_data(tmp_path):
