@@ -297,11 +297,14 @@ def render_table(results: dict) -> str:
 
 
 def _command_text(command: list[str]) -> str:
-    """A command as a user would type it (repository-relative paths, `python` for this interpreter)."""
+    """A command as a user would type it (repository-relative paths, `python` for this interpreter, the default
+    MNIST folder as the docs spell it)."""
     words = []
     for word in command:
         if word == sys.executable:
             word = "python"
+        elif word == DEFAULT_DATA and os.path.isdir(word):
+            word = "../shared/datasets/mnist"
         elif os.path.isabs(word) and word.startswith(REPO + os.sep):
             word = os.path.relpath(word, REPO)
         words.append(word)

@@ -108,3 +108,17 @@ def test_launcher(processes):
     table2 = _table2()
     command = table2.launcher(processes)
     assert (("torch.distributed.run" in command) == (processes > 1))
+
+
+def test_command_text_is_what_a_user_types():
+    """The commands written into docs/benchmarks.md: `python`, repository-relative paths, the default MNIST folder
+    as the docs spell it, and no run-time port."""
+    import sys
+
+    table2 = _table2()
+    command = table2.train_command(table2.parse_args(["--budget", "paper", "--output_dir", "out"]), "optvq", "out/optvq")
+    text = table2._command_text(command)
+    assert text.startswith("python -m torch.distributed.run --nproc_per_node 2 ")
+    assert "--master_port PORT examples/run_train.py " in text and sys.executable not in text and ROOT not in text
+    if os.path.isdir(table2.DEFAULT_DATA):
+        assert "--dataset_name ../shared/datasets/mnist " in text
