@@ -257,11 +257,23 @@ def streamed_batches(dataset, is_mine, shard_size, batch_size, max_rows, **decod
 # Writing
 # --------------------------------------------------------------------------------------------------------------------
 def write_shard(path: str, temporary_dir: str, columns: dict, features, metadata: dict):
-    """Write one shard to a temporary file (flushed to disk), then rename it to `path` in one step."""
+    """Write one shard to a temporary file (flushed to disk), then rename it to `path` in one step. `columns` holds
+    `token_ids` as one `(rows, sequence_length)` array (stored as arrow's fixed-size lists without a per-row copy)."""
     import datasets
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = datasets.Dataset.from_dict(columns, features=features).data.table
+    columns = dict(columns)
+    tokens = columns.pop("token_ids")
+    token_array = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), tokens.shape[1])
+    other_features = None if features is None else datasets.Features(
+        {name: feature for name, feature in features.items() if name != "token_ids"})
+    table = datasets.Dataset.from_dict(columns, features=other_features).data.table
+    position = 2 if "variant" in columns else 1
+    table = table.add_column(position, "token_ids", token_array)
+    if features is None:
+        features = datasets.Features.from_arrow_schema(table.schema)
+    table = table.cast(features.arrow_schema)
     schema_metadata = dict(table.schema.metadata or {})
     schema_metadata[SHARD_METADATA_KEY] = json.dumps(metadata).encode()
     table = table.replace_schema_metadata(schema_metadata)
@@ -601,7 +613,7 @@ def _finish_shard(pending, args, variants, features, data_dir, temporary_dir, nu
     columns = {"index": [i for i in pending["indices"] for _ in range(repeat)]}
     if variants:
         columns["variant"] = variants * len(pending["indices"])
-    columns["token_ids"] = list(tokens)
+    columns["token_ids"] = tokens
     for name, values in pending["kept"].items():
         columns[name] = [value for value in values for _ in range(repeat)]
     first = shard * args.shard_size
