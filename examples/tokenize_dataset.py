@@ -205,7 +205,7 @@ def decode_rows(shard, last, indices, rows, image_column, keep_columns, preproce
     }
 
 
-def map_style_batches(dataset, my_shards, shard_size, num_rows, batch_size, num_workers, **decode):
+def map_style_batches(dataset, my_shards, shard_size, num_rows, batch_size, num_workers, pin_memory=False, **decode):
     """Decoded batches of the shards `my_shards` of a map-style dataset (DataLoader workers decode)."""
     import torch
 
@@ -217,7 +217,7 @@ def map_style_batches(dataset, my_shards, shard_size, num_rows, batch_size, num_
             stop = min(start + batch_size, rows.stop)
             plan.append((shard, range(start, stop), stop == rows.stop))
     loader = torch.utils.data.DataLoader(DecodedBatches(dataset, plan, **decode), batch_size=None,
-                                         num_workers=num_workers, persistent_workers=False)
+                                         num_workers=num_workers, pin_memory=pin_memory)
     yield from loader
 
 
@@ -492,7 +492,7 @@ def main(args=None) -> dict:
     else:
         my_shards = [shard for shard in range(num_shards) if is_mine(shard)]
         batches = map_style_batches(dataset, my_shards, args.shard_size, num_rows, args.batch_size,
-                                    args.dataloader_num_workers, **decode)
+                                    args.dataloader_num_workers, pin_memory=device.type == "cuda", **decode)
         my_rows = sum(min((s + 1) * args.shard_size, num_rows) - s * args.shard_size for s in my_shards)
     if state.is_main_process:
         logger.info("%s: %s rows in %s shards of %d (%d finished earlier); %d process(es); tokens %dx%dx%d (%d ids, %s)",
@@ -512,7 +512,7 @@ def main(args=None) -> dict:
                        "kept": {name: [] for name in args.keep_column_list}, "started": time.perf_counter()}
         pending["skipped"] += batch["skipped"]
         if batch["images"] is not None:
-            pixel_values = to_pixel_values(batch["images"]).to(device, non_blocking=True)
+            pixel_values = to_pixel_values(batch["images"].to(device, non_blocking=True))  # uint8 travels
             with torch.inference_mode(), autocast:
                 token_ids = model.encode(pixel_values).token_ids
             pending["tokens"].append(layout.tokens_to_sequence(token_ids).cpu().numpy().astype(dtype))

@@ -90,7 +90,7 @@ def test_ids_equal_encode_for_any_batch_and_shard_size_and_the_card_records_the_
     np.testing.assert_array_equal(np.asarray(tokens["token_ids"]), expected_tokens(tiny["model"], tiny["data"], indices))
 
     # other batch and shard sizes, shards named in the Hub's layout: the same ids
-    run(tiny, tmp_path / "b", "--shard_size", "30", "--batch_size", "7")
+    run(tiny, tmp_path / "b", "--shard_size", "30", "--batch_size", "7", "--dataloader_num_workers", "2")
     assert sorted(os.listdir(tmp_path / "b" / "data")) == ["train-00000-of-00001.parquet"]
     other = load_tokens(tmp_path / "b")
     assert other["index"] == indices and other["token_ids"] == tokens["token_ids"]
@@ -253,6 +253,21 @@ def test_push_to_hub_uploads_the_dataset_folder_without_network(tiny, tmp_path, 
     assert uploads == [{"repo_id": "me/tokens", "repo_type": "dataset",
                         "files": ["README.md", "data/train-00000-of-00002.parquet",
                                   "data/train-00001-of-00002.parquet"]}]
+
+
+def test_image_folder_source_skips_unreadable_files(tiny, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    raw = source_images(tiny["data"])
+    for name, index in (("a.png", 1), ("b.png", 2), ("d.png", 3)):
+        (folder / name).write_bytes(raw[index])
+    (folder / "c.png").write_bytes(b"not a png")
+    summary = tokenize_dataset.main(["--model_name_or_path", tiny["model"], "--train_data_dir", str(folder),
+                                     "--output_dir", str(tmp_path / "out"), "--disable_progress_bar"])
+    assert summary["images"] == 3 and summary["skipped_images"] == 1
+    tokens = load_tokens(tmp_path / "out")
+    assert tokens["index"] == [0, 1, 3]  # c.png, row 2, is the unreadable one
+    np.testing.assert_array_equal(np.asarray(tokens["token_ids"]), expected_tokens(tiny["model"], tiny["data"], [1, 2, 3]))
 
 
 def test_bad_arguments_fail_clearly(tiny, tmp_path):
