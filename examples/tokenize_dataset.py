@@ -429,17 +429,14 @@ def main(args=None) -> dict:
         if source_columns is not None and name not in source_columns:
             raise ValueError(f"--keep_columns: {name!r} is not a column of the dataset; columns: {source_columns}.")
     columns = [image_column] + [c for c in args.keep_column_list if c != image_column]
-    if isinstance(dataset, datasets.IterableDataset):
-        streaming, num_rows = True, args.max_samples
-        if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        dataset = dataset.select_columns(columns)
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    if streaming:
+        num_rows = args.max_samples  # None: read to the end
     else:
-        streaming = False
         num_rows = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
-        if isinstance(dataset.features.get(image_column), datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        dataset = dataset.select_columns(columns)
+    if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))  # decoded (and counted) by us
+    dataset = dataset.select_columns(columns)
     num_shards = math.ceil(num_rows / args.shard_size) if num_rows is not None else None
     if num_shards == 0:
         raise ValueError(f"The {args.split!r} split has no rows.")
@@ -457,6 +454,14 @@ def main(args=None) -> dict:
     state_dir = os.path.join(args.output_dir, STATE_DIR)
     temporary_dir = os.path.join(state_dir, "tmp")
     state_file = os.path.join(state_dir, f"{args.split}.json")
+    if os.path.isfile(state_file) and not args.overwrite_output_dir:  # every process checks, so that all stop
+        with open(state_file) as handle:
+            previous = json.load(handle)["settings"]
+        changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
+        if changed:
+            raise ValueError(f"{args.output_dir} holds a {args.split!r} split tokenized with other settings "
+                             f"(earlier vs now: {changed}); pass --overwrite_output_dir or another --output_dir.")
+    state.wait_for_everyone()
     if state.is_main_process:
         if args.overwrite_output_dir:
             for path in glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet")) + [state_file]:
@@ -464,14 +469,7 @@ def main(args=None) -> dict:
                     os.remove(path)
         os.makedirs(data_dir, exist_ok=True)
         os.makedirs(temporary_dir, exist_ok=True)
-        if os.path.isfile(state_file):
-            with open(state_file) as handle:
-                previous = json.load(handle)["settings"]
-            changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
-            if changed:
-                raise ValueError(f"{args.output_dir} holds a {args.split!r} split tokenized with other settings "
-                                 f"(earlier vs now: {changed}); pass --overwrite_output_dir or another --output_dir.")
-        else:
+        if not os.path.isfile(state_file):
             _write_json(state_file, {"settings": settings, "complete": False})
         for stale in glob.glob(os.path.join(temporary_dir, f"{args.split}-*.tmp")):
             os.remove(stale)  # left by a killed run
