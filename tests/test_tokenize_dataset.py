@@ -148,10 +148,9 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(tiny, tmp_path):
     summary = run({**tiny, "data": data}, output, "--shard_size", "2", "--batch_size", "4")
     assert summary["shards_resumed"] == len(done) and summary["shards_written"] == 40 - len(done)
     assert not stale.exists()
-    reference = tmp_path / "reference"
-    run({**tiny, "data": data}, reference, "--shard_size", "2", "--batch_size", "4")
-    resumed, uninterrupted = load_tokens(output), load_tokens(reference)
-    assert resumed["index"] == list(range(80)) and resumed["token_ids"] == uninterrupted["token_ids"]
+    resumed = load_tokens(output)
+    assert resumed["index"] == list(range(80))
+    np.testing.assert_array_equal(np.asarray(resumed["token_ids"]), expected_tokens(tiny["model"], data, range(80)))
 
 
 def load_tokens_file(path):
