@@ -3,7 +3,7 @@
 one process with the same encoder alone (no quantizer), the quantizer alone, and diffusers' `VQModel` of the same size
 (`encode` + its nearest-code lookup, `quantize`).
 
-    python benchmarks/bench_tokenize.py --batch_sizes 1,2,4 --repeats 5                  # CPU
+    python benchmarks/bench_tokenize.py --batch_sizes 1,4 --repeats 3 --threads 1       # CPU
     python benchmarks/bench_tokenize.py --device cuda --dtype bf16 --batch_sizes 16,64,256 --repeats 20
 
 Random weights: `optvq-imagenet-16x16x4` (VQGAN encoder 128-128-256-256-512 channels, attention at 16x16, 256
@@ -94,8 +94,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype of the networks (the OptVQ quantizer computes in float32 regardless)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a shared machine, 1 keeps OpenMP waits out of the small ops)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from optvq_hf import OptVQConfig, OptVQModel
 
