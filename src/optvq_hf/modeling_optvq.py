@@ -219,24 +219,34 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------------------------------
-    # Loading: native folders through transformers, original-release folders converted on the fly
+    # Loading: native folders through transformers, diffusers and original-release folders too
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load a model saved by `save_pretrained` or, converting on the fly, one in the original release's layout.
+        """Load a model saved by `save_pretrained`, by the diffusers front end (`OptVQVQModel.save_pretrained`) or,
+        converting on the fly, one in the original release's layout.
 
         Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or a local folder. Original-layout
-                repositories (`BorelTHU/optvq-16x16x4`: nested `encoder`/`decoder`/`quantize` config, `model.`-prefixed
-                keys) are detected and converted; this is logged.
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or a local folder (with `subfolder=`,
+                e.g. a pipeline's `vqvae`). Original-layout repositories (`BorelTHU/optvq-16x16x4`: nested
+                `encoder`/`decoder`/`quantize` config, `model.`-prefixed keys) are detected and converted (this is
+                logged); diffusers-layout `OptVQVQModel` folders (`diffusion_pytorch_model.safetensors`) load as is.
             kwargs: the usual transformers loading arguments (`dtype`, `device_map`, `revision`, `cache_dir`,
                 `token`, `local_files_only`, config overrides, ...).
         """
-        from .convert_original import load_original_model, resolve_original_config
+        from .convert_original import (
+            is_diffusers_config,
+            is_original_config,
+            load_diffusers_model,
+            load_original_model,
+            read_config_dict,
+        )
 
-        original_config = resolve_original_config(pretrained_model_name_or_path, kwargs)
-        if original_config is not None:
-            return load_original_model(cls, pretrained_model_name_or_path, original_config, **kwargs)
+        config_dict = read_config_dict(pretrained_model_name_or_path, kwargs)
+        if is_original_config(config_dict):
+            return load_original_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
+        if is_diffusers_config(config_dict):
+            return load_diffusers_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as error:
