@@ -606,7 +606,7 @@ def train(args: argparse.Namespace) -> dict:
                                                               discriminator=discriminator)
                     backward_and_step(accelerator, d_losses.loss, discriminator, disc_optimizer, args.max_grad_norm)
                 loss_means.add(loss_fn.log_terms(d_losses, global_step))
-            window_counts += output.code_counts.detach().to(window_counts.device)
+            window_counts += output.code_counts.detach().sum(0).to(window_counts.device)
             if not accelerator.sync_gradients:
                 continue
 
