@@ -75,23 +75,34 @@ def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any
     return config_dict if is_original_config(config_dict) else None
 
 
+_REQUIRED = object()
+
+
+def _field(original: dict[str, Any], section: str, key: str, source: str, default=_REQUIRED):
+    value = original[section].get(key, default)
+    if value is _REQUIRED:
+        raise ValueError(f"{source}: the original config lacks the required field `{section}.{key}`.")
+    return value
+
+
 def config_from_original(original: dict[str, Any], source: str = "the original config", **overrides) -> OptVQConfig:
     """Translate the original nested config into an [`OptVQConfig`] (overrides win). A missing or invalid field raises
-    a `ValueError` naming `source` and the field (`quantize.e_dim`, ...)."""
-    missing = object()
+    a `ValueError` naming `source` (e.g. the file) and the field (`quantize.e_dim`, ...)."""
+    try:
+        return _translate_original_config(original, source, **overrides)
+    except (TypeError, ValueError) as error:  # e.g. OptVQConfig's validation of a translated value
+        if str(error).startswith(source):
+            raise
+        raise ValueError(f"{source}: {error}") from error
 
-    def field(section: str, key: str, default=missing):
-        value = original[section].get(key, default)
-        if value is missing:
-            raise ValueError(f"{source}: the original config lacks the required field `{section}.{key}`.")
-        return value
 
+def _translate_original_config(original: dict[str, Any], source: str, **overrides) -> OptVQConfig:
     encoder, decoder, quantize = (original[section] for section in ORIGINAL_SECTIONS)
     if encoder.get("double_z", False):
         raise ValueError("Original configs with `double_z=True` (a KL autoencoder) are not OptVQ models.")
     for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution"):
         if key in decoder and decoder[key] != encoder.get(key):
-            raise ValueError(f"{source}: encoder and decoder disagree on {key!r}: {encoder.get(key)} vs {decoder[key]}.")
+            raise ValueError(f"Encoder and decoder disagree on {key!r}: {encoder.get(key)} vs {decoder[key]}.")
     quantize_type = original.get("quantize_type", "optvq")
     if quantize_type not in ("optvq", "basevq"):
         raise ValueError(f"Unsupported original quantize_type {quantize_type!r} (expected 'optvq' or 'basevq').")
@@ -103,43 +114,33 @@ def config_from_original(original: dict[str, Any], source: str = "the original c
         raise ValueError("Original configs with `use_norm=True` are not supported (the original code refuses them too).")
     normalize_mode = quantize.get("normalize_mode", "all")
     if not isinstance(normalize_mode, (str, type(None))) or normalize_mode not in _NORMALIZE_MODES:
-        raise ValueError(
-            f"{source}: `quantize.normalize_mode` must be one of {sorted(k for k in _NORMALIZE_MODES if k)} or null, "
-            f"got {normalize_mode!r}."
-        )
-    try:
-        values = dict(
-            architecture="vqgan",
-            in_channels=encoder.get("in_channels", 3),
-            out_channels=decoder.get("out_ch", 3),
-            base_channels=field("encoder", "ch"),
-            channel_multipliers=list(field("encoder", "ch_mult")),
-            num_res_blocks=field("encoder", "num_res_blocks"),
-            attn_resolutions=list(encoder.get("attn_resolutions", [])),
-            resolution=encoder.get("resolution", 256),
-            latent_channels=field("encoder", "z_channels"),
-            dropout=encoder.get("dropout", 0.0),
-            use_quant_conv=original.get("use_connector", True),
-            embed_dim=field("quantize", "e_dim"),
-            codebook_size=field("quantize", "n_e"),
-            num_heads=quantize.get("num_head", 1),
-            use_codebook_projection=quantize.get("use_proj", True),
-            quantizer_type="optvq" if quantize_type == "optvq" else "vq",
-            epsilon=float(quantize.get("epsilon", 10.0)),
-            num_iters=int(quantize.get("n_iters", 5)),
-            normalization=_NORMALIZE_MODES[normalize_mode],
-            commitment_weight=1.0,
-            beta=float(quantize.get("beta", 0.25)),
-        )
-    except (TypeError, ValueError) as error:
-        if str(error).startswith(source):
-            raise
-        raise ValueError(f"{source}: an original config field has the wrong type: {error}") from error
+        raise ValueError(f"{source}: `quantize.normalize_mode` must be one of "
+                         f"{sorted(mode for mode in _NORMALIZE_MODES if mode)} or null, got {normalize_mode!r}.")
+    values = dict(
+        architecture="vqgan",
+        in_channels=encoder.get("in_channels", 3),
+        out_channels=decoder.get("out_ch", 3),
+        base_channels=_field(original, "encoder", "ch", source),
+        channel_multipliers=list(_field(original, "encoder", "ch_mult", source)),
+        num_res_blocks=_field(original, "encoder", "num_res_blocks", source),
+        attn_resolutions=list(encoder.get("attn_resolutions", [])),
+        resolution=encoder.get("resolution", 256),
+        latent_channels=_field(original, "encoder", "z_channels", source),
+        dropout=encoder.get("dropout", 0.0),
+        use_quant_conv=original.get("use_connector", True),
+        embed_dim=_field(original, "quantize", "e_dim", source),
+        codebook_size=_field(original, "quantize", "n_e", source),
+        num_heads=quantize.get("num_head", 1),
+        use_codebook_projection=quantize.get("use_proj", True),
+        quantizer_type="optvq" if quantize_type == "optvq" else "vq",
+        epsilon=float(quantize.get("epsilon", 10.0)),
+        num_iters=int(quantize.get("n_iters", 5)),
+        normalization=_NORMALIZE_MODES[normalize_mode],
+        commitment_weight=1.0,
+        beta=float(quantize.get("beta", 0.25)),
+    )
     values.update(overrides)
-    try:
-        return OptVQConfig(**values)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from error
+    return OptVQConfig(**values)
 
 
 def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
