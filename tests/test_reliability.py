@@ -89,8 +89,12 @@ def test_a_diffusers_folder_of_another_class_is_refused(tmp_path):
     from diffusers import VQModel
 
     VQModel(block_out_channels=[8], norm_num_groups=8, latent_channels=3).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="VQModel"):
-        OptVQVQModel.from_pretrained(tmp_path)
+    for loader in (OptVQModel, OptVQVQModel):
+        with pytest.raises(ValueError, match="diffusers VQModel"):
+            loader.from_pretrained(tmp_path)
+    OptVQVQModel.from_optvq(tiny()).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="OptVQVQModel.from_pretrained"):  # says how to load it
+        OptVQModel.from_pretrained(tmp_path / "ours")
 
 
 @pytest.mark.parametrize("loader", [OptVQModel, OptVQVQModel])
@@ -100,6 +104,24 @@ def test_an_unreadable_config_json_names_the_file(loader, content, tmp_path):
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(ValueError, match="config.json"):
         loader.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "diffusers", "original"])
+def test_a_corrupt_weights_file_names_the_folder(layout, tmp_path):
+    if layout == "original":
+        from test_convert_original import write_original_folder
+
+        write_original_folder(tmp_path)
+    else:
+        save(layout, tiny(), tmp_path)
+    weights_file(tmp_path).write_bytes(b"\x00\x01 not safetensors")
+    if layout == "diffusers":  # diffusers' own error names the file
+        with pytest.raises(OSError, match=r"Unable to load weights from checkpoint file.*diffusion_pytorch_model"):
+            OptVQVQModel.from_pretrained(tmp_path)
+        return
+    for loader in (OptVQModel, OptVQVQModel):
+        with pytest.raises(ValueError, match=rf"{tmp_path.name} are not a readable safetensors file"):
+            loader.from_pretrained(tmp_path)
 
 
 def _original(**quantize_changes):

@@ -20,7 +20,7 @@ import torch
 from transformers.utils import cached_file, logging
 
 from .configuration_optvq import OPTVQ_CONFIG_FIELDS, OptVQConfig
-from .validation import check_weights_fit
+from .validation import check_weights_fit, weights_file_errors_named
 
 logger = logging.get_logger(__name__)
 
@@ -168,7 +168,8 @@ def _load_weights(path_or_id, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]
         str(path_or_id), "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
     if weights_file is not None:
-        return load_file(weights_file)
+        with weights_file_errors_named(str(path_or_id)):
+            return load_file(weights_file)
     bin_file = cached_file(
         str(path_or_id), "pytorch_model.bin", _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )

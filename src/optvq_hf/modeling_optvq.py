@@ -17,7 +17,7 @@ from .backbones import OptVQAttnBlock, OptVQResnetBlock
 from .configuration_optvq import OptVQConfig
 from .model_card import build_model_card
 from .quantization import CodebookQuantizer, QuantizerOutput
-from .validation import check_weights_fit
+from .validation import check_weights_fit, weights_file_errors_named
 
 logger = logging.get_logger(__name__)
 
@@ -253,6 +253,11 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
         if is_original_config(config_dict):
             return load_original_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
         found_type = (config_dict or {}).get("model_type")
+        if config_dict is not None and found_type is None and "_class_name" in config_dict:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a diffusers {config_dict['_class_name']}, not a transformers "
+                f"OptVQ folder (load an OptVQVQModel folder with `OptVQVQModel.from_pretrained(...).to_optvq()`)."
+            )
         if config_dict is not None and found_type != cls.config_class.model_type:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a model of type {found_type!r}, not an OptVQ model (model_type "
@@ -262,9 +267,11 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
         allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
         output_loading_info = bool(kwargs.pop("output_loading_info", False))
         # Mismatched weights are reported here (listed with both shapes, at any verbosity), not by transformers.
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        with weights_file_errors_named(str(pretrained_model_name_or_path)):
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs
+            )
         check_weights_fit(str(pretrained_model_name_or_path), missing=loading_info["missing_keys"],
                           mismatched=loading_info["mismatched_keys"], unexpected=loading_info["unexpected_keys"],
                           allow_missing=allow_missing, allow_mismatched=allow_mismatched)

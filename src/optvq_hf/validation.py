@@ -12,11 +12,13 @@ traces (the check would break the graph).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-__all__ = ["MAX_FEATURE_MAGNITUDE", "is_integer_tensor", "check_finite", "check_token_ids", "check_weights_fit"]
+__all__ = ["MAX_FEATURE_MAGNITUDE", "is_integer_tensor", "check_finite", "check_token_ids", "check_weights_fit",
+           "weights_file_errors_named"]
 
 
 def is_integer_tensor(tensor) -> bool:
@@ -108,3 +110,15 @@ def check_weights_fit(source: str, missing=(), mismatched=(), unexpected=(), all
            if mismatched else "")
         + (f"\n  not in the model: {listing(unexpected)}" if unexpected else "")
     )
+
+
+@contextlib.contextmanager
+def weights_file_errors_named(source: str):
+    """Turn a weights file that cannot be read as safetensors (truncated, not safetensors) into a `ValueError` naming
+    `source`, instead of safetensors' bare header error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(f"The weights in {source} are not a readable safetensors file: {error}") from error
