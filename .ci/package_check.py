@@ -293,6 +293,12 @@ def main():
     (home / "train_check.py").write_text(f"STEPS = {STEPS}\n" + TRAIN_CHECK)
     run([python, "train_check.py"], cwd=home, env=env)
     timer.phase(f"train: optvq-train, {STEPS} steps")
+    run(["optvq-tokenize", "--model_name_or_path", "tiny-model", "--dataset_name", "tiny-data", "--split", "test",
+         "--batch_size", "4", "--output_dir", "tokens-out", "--disable_progress_bar"], cwd=home, env=env)
+    card = (home / "tokens-out/README.md").read_text()
+    check("num_rows: 8" in card and (home / "tokens-out/data/test-00000-of-00001.parquet").is_file(),
+          f"optvq-tokenize wrote no complete test split:\n{card}")
+    timer.phase("train: optvq-tokenize")
     run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
          "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "optvq_hf_examples.run_train",
          "--output_dir", "train-2proc", "--model_config_name_or_path", "optvq-cifar10", "--config_overrides",

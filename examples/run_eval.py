@@ -169,10 +169,7 @@ def main(args=None) -> dict:
             raise ValueError(f"--inference_assignment {args.inference_assignment} is not one of the assignments of a "
                              f"{config.quantizer_type!r} model {assignments}.")
         model.quantizer.inference_assignment = args.inference_assignment
-    try:
-        processor = OptVQImageProcessor.from_pretrained(args.model, revision=args.revision)
-    except (OSError, ValueError):
-        processor = OptVQImageProcessor.from_model_config(config)
+    processor = OptVQImageProcessor.from_pretrained_or_model_config(args.model, config, revision=args.revision)
 
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
                                  cache_dir=args.cache_dir, split=args.split)

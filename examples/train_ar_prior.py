@@ -18,6 +18,10 @@ Multi-head tokenizers: by default a position's heads are consecutive tokens (hea
 `--head_vocabulary per_head` gives each head its own id range; `--factorized` uses one LM position per grid position
 and predicts its heads in turn from that position's hidden state (`factorized_logits`, `sample_factorized`).
 
+Input: images (`--dataset_name`, tokenized up front by the tokenizer) or a dataset already tokenized by
+`examples/tokenize_dataset.py` (`--token_dataset`: a folder or Hub id; its card names the grid, the heads, the
+codebook and the tokenizer, which decodes the samples unless `--tokenizer` names another folder of the same model).
+
 Examples::
 
     # MNIST (parquet from ../shared when present, else `--dataset_name synthetic-digits`), tokenizer trained before
@@ -27,11 +31,15 @@ Examples::
     # Everything from scratch in a few minutes on CPU: a quick tokenizer first, then the prior
     python examples/train_ar_prior.py --train_tokenizer_steps 300 --dataset_name synthetic-digits \
         --output_dir runs/ar-digits --max_train_steps 500
+
+    # On token ids written by examples/tokenize_dataset.py (with --keep_columns label)
+    python examples/train_ar_prior.py --token_dataset runs/mnist-tokens --output_dir runs/ar-mnist
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -42,7 +50,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel, OptVQProcessor
+from optvq_hf import ImageSequenceLayout, OptVQConfig, OptVQImageProcessor, OptVQModel, OptVQProcessor
 
 DEFAULT_MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets", "mnist")
 
@@ -99,6 +107,37 @@ def load_labelled_images(args) -> tuple[list[Image.Image], list[int], int]:
     feature = dataset.features[args.label_column]
     num_classes = getattr(feature, "num_classes", None) or (max(labels) + 1)
     return list(dataset[args.image_column]), labels, num_classes
+
+
+def load_token_dataset(args) -> tuple[torch.LongTensor, list[int], int, dict]:
+    """`(token_grids (N, num_heads, h, w), labels, num_classes, card metadata)` of a dataset written by
+    `examples/tokenize_dataset.py`: a local folder (read with the parquet builder) or a Hub dataset id."""
+    import numpy as np
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    source = args.token_dataset
+    if os.path.isdir(source):
+        card = DatasetCard.load(os.path.join(source, "README.md"))
+        files = os.path.join(source, "data", f"{args.token_split}-*.parquet")
+        dataset = load_dataset("parquet", data_files={args.token_split: files}, split=args.token_split)
+    else:  # a Hub dataset id (needs network or the local cache)
+        card = DatasetCard.load(source, repo_type="dataset")
+        dataset = load_dataset(source, split=args.token_split)
+    meta = card.data.to_dict().get("optvq")
+    if not meta:
+        raise SystemExit(f"{source} has no `optvq` metadata in its README.md: not written by tokenize_dataset.py?")
+    if args.label_column not in dataset.column_names:
+        raise SystemExit(f"Column {args.label_column!r} not in the token dataset (columns: {dataset.column_names}); "
+                         f"tokenize with --keep_columns {args.label_column}.")
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    flat = torch.from_numpy(np.asarray(dataset.with_format("numpy")["token_ids"], dtype=np.int64))
+    layout = ImageSequenceLayout(codebook_size=meta["codebook_size"], num_heads=meta["num_heads"])
+    grids = layout.sequence_to_tokens(flat, tuple(meta["grid_size"]))  # checks length and id range
+    labels = [int(label) for label in dataset[args.label_column]]
+    num_classes = getattr(dataset.features[args.label_column], "num_classes", None) or (max(labels) + 1)
+    return grids, labels, num_classes, meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,6 +248,12 @@ def factorized_logits(lm: LlamaForCausalLM, labels: torch.LongTensor, rows: torc
     return logits.float() + _head_masks(layout, logits.shape[-1], logits.device)
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which this transformers version's decoder takes its KV cache: `cache` (newer releases, where
+    `past_key_values` is deprecated, and removed in 5.40) or `past_key_values` (older 5.x releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_factorized(lm: LlamaForCausalLM, processor: OptVQProcessor, labels: list[int], grid_size, boi_token_id: int,
                       temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> torch.LongTensor:
@@ -220,7 +265,10 @@ def sample_factorized(lm: LlamaForCausalLM, processor: OptVQProcessor, labels: l
     masks = _head_masks(layout, lm.config.vocab_size, lm.device)
     label_ids = torch.tensor(labels, dtype=torch.long, device=lm.device)
     inputs = embed(torch.stack([label_ids, torch.full_like(label_ids, boi_token_id)], dim=1))
-    output = lm.model(inputs_embeds=inputs, use_cache=True)
+    from transformers import DynamicCache
+
+    cache = {cache_keyword(lm.model): DynamicCache(config=lm.config)}  # filled in place by every forward
+    output = lm.model(inputs_embeds=inputs, use_cache=True, **cache)
     rows = []
     for position in range(grid_size[0] * grid_size[1]):
         hidden = output.last_hidden_state[:, -1]
@@ -237,7 +285,7 @@ def sample_factorized(lm: LlamaForCausalLM, processor: OptVQProcessor, labels: l
         rows.append(torch.stack(cell, dim=1))
         if position + 1 < grid_size[0] * grid_size[1]:
             cell_embedding = embed(rows[-1]).sum(dim=1, keepdim=True)
-            output = lm.model(inputs_embeds=cell_embedding, past_key_values=output.past_key_values, use_cache=True)
+            output = lm.model(inputs_embeds=cell_embedding, use_cache=True, **cache)
     return torch.stack(rows, dim=1).cpu()
 
 
@@ -263,11 +311,17 @@ def parse_args(argv=None):
     data.add_argument("--data_dir", default=None, help=f"folder of the MNIST parquet files (default {DEFAULT_MNIST_DIR})")
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="label")
+    data.add_argument("--token_dataset", default=None,
+                      help="train on token ids written by examples/tokenize_dataset.py (a folder or Hub dataset id) "
+                           "instead of tokenizing --dataset_name; needs its --label_column")
+    data.add_argument("--token_split", default="train", help="split of --token_dataset")
     data.add_argument("--max_train_samples", type=int, default=10000)
     data.add_argument("--resolution", type=int, default=None,
                       help="image size fed to the tokenizer (default: the tokenizer's config.resolution)")
     tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer", default=None, help="folder of a trained OptVQModel (save_pretrained)")
+    tok.add_argument("--tokenizer", default=None,
+                     help="folder of a trained OptVQModel (save_pretrained); with --token_dataset, default: the "
+                          "tokenizer its card names")
     tok.add_argument("--train_tokenizer_steps", type=int, default=0,
                      help="without --tokenizer: train a small tokenizer for this many steps first")
     tok.add_argument("--tokenizer_codebook_size", type=int, default=256)
@@ -296,8 +350,11 @@ def parse_args(argv=None):
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top_k", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.tokenizer is None and args.train_tokenizer_steps <= 0:
-        parser.error("pass --tokenizer PATH (a trained OptVQModel folder) or --train_tokenizer_steps N")
+    if args.token_dataset is not None and args.train_tokenizer_steps > 0:
+        parser.error("--token_dataset holds ids of a trained tokenizer; --train_tokenizer_steps does not apply")
+    if args.token_dataset is None and args.tokenizer is None and args.train_tokenizer_steps <= 0:
+        parser.error("pass --tokenizer PATH (a trained OptVQModel folder), --train_tokenizer_steps N or "
+                     "--token_dataset PATH")
     if args.factorized and args.head_vocabulary == "shared":
         parser.error("--factorized needs --head_vocabulary per_head (a cell's input is the sum of its heads' "
                      "embeddings, so each head needs its own ids)")
@@ -314,13 +371,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
-    images, labels, num_classes = load_labelled_images(args)
-    print(f"{len(images)} training images, {num_classes} classes")
-
-    if args.tokenizer is not None:
-        tokenizer = OptVQModel.from_pretrained(args.tokenizer).eval()
+    if args.token_dataset is not None:
+        token_grids, labels, num_classes, token_meta = load_token_dataset(args)
+        print(f"{len(token_grids)} token sequences from {args.token_dataset}, {num_classes} classes")
+        tokenizer = OptVQModel.from_pretrained(args.tokenizer or token_meta["tokenizer"]).eval()
+        found = (tokenizer.config.codebook_size, tokenizer.config.num_heads)
+        if found != (token_meta["codebook_size"], token_meta["num_heads"]):
+            raise SystemExit(f"The tokenizer has (codebook_size, num_heads) {found}, the token dataset "
+                             f"{(token_meta['codebook_size'], token_meta['num_heads'])}.")
+        args.resolution = token_meta["image_size"][0]
     else:
-        tokenizer = train_quick_tokenizer(images, args)
+        images, labels, num_classes = load_labelled_images(args)
+        print(f"{len(images)} training images, {num_classes} classes")
+        tokenizer = (OptVQModel.from_pretrained(args.tokenizer).eval() if args.tokenizer is not None
+                     else train_quick_tokenizer(images, args))
     # Vocabulary: labels 0..C-1, begin-of-image C, image tokens from C + 1.
     boi_token_id = num_classes
     processor_kwargs = dict(offset=num_classes + 1, head_vocabulary=args.head_vocabulary)
@@ -334,7 +398,11 @@ def main(argv=None):
     )
     processor = OptVQProcessor.from_model(tokenizer, image_processor=image_processor, **processor_kwargs)
 
-    encoded = processor(images=images, return_tensors="pt")
+    if args.token_dataset is not None:
+        encoded = {"input_ids": processor.layout.tokens_to_sequence(token_grids),
+                   "image_grid_size": torch.tensor([token_grids.shape[-2:]] * len(token_grids))}
+    else:
+        encoded = processor(images=images, return_tensors="pt")
     label_ids = torch.tensor(labels, dtype=torch.long)
     if args.factorized:
         sequences = encoded["input_ids"]  # (N, h * w, num_heads)

@@ -225,6 +225,37 @@ def test_dtype_conversion_keeps_quantizer_float32(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@torch.no_grad()
+def test_optvq_model_loads_diffusers_folders_and_pipeline_subfolders(tmp_path):
+    """`OptVQModel.from_pretrained` (the loader of run_eval, tokenize_dataset, train_ar_prior) reads the diffusers
+    layout too, also a pipeline's `vqvae` subfolder; the processor falls back to the model config there."""
+    from optvq_hf import OptVQImageProcessor
+
+    torch.manual_seed(0)
+    optvq = OptVQModel(tiny_config(inference_assignment="nearest")).eval()
+    images = pixels(size=8)
+    reference = optvq.encode(images).token_ids
+    OptVQVQModel.from_optvq(optvq, scaling_factor=0.5).save_pretrained(tmp_path / "diffusers")
+    loaded = OptVQModel.from_pretrained(tmp_path / "diffusers")
+    assert type(loaded) is OptVQModel and not loaded.training
+    assert loaded.config.to_diff_dict() == optvq.config.to_diff_dict()
+    assert torch.equal(loaded.encode(images).token_ids, reference)
+    assert all(torch.equal(value, optvq.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+    pipe = LDMPipeline(vqvae=OptVQVQModel.from_optvq(optvq), unet=tiny_unet(4, 4, sample_size=4),
+                       scheduler=DDIMScheduler(num_train_timesteps=10))
+    pipe.save_pretrained(tmp_path / "pipeline")
+    half = OptVQModel.from_pretrained(tmp_path / "pipeline", subfolder="vqvae", dtype=torch.bfloat16,
+                                      inference_assignment="sinkhorn")
+    assert half.encoder.conv_in.weight.dtype == torch.bfloat16 and half.quantizer.embedding.weight.dtype == torch.float32
+    assert half.config.inference_assignment == "sinkhorn"
+    processor = OptVQImageProcessor.from_pretrained_or_model_config(tmp_path / "pipeline", half.config,
+                                                                    subfolder="vqvae")
+    assert processor.crop_size == {"height": 8, "width": 8} and processor.num_channels == half.config.in_channels
+    with pytest.raises(TypeError, match="no_such_argument"):
+        OptVQModel.from_pretrained(tmp_path / "diffusers", no_such_argument=1)
+
+
 def test_import_without_diffusers():
     code = (
         "import sys; sys.modules['diffusers'] = None\n"

@@ -53,8 +53,9 @@ def test_a_missing_tensor_is_refused_naming_it(front_end, name, tmp_path):
     model = tiny()
     loader = save(front_end, model, tmp_path)
     rewrite_weights(tmp_path, lambda tensors: tensors.pop(name))
-    with pytest.raises(ValueError, match=rf"missing: \['{name}'\].*initialize_missing_weights=True"):
-        loader.from_pretrained(tmp_path)
+    for reader in {loader, OptVQModel}:  # OptVQModel reads diffusers folders too
+        with pytest.raises(ValueError, match=rf"missing: \['{name}'\].*initialize_missing_weights=True"):
+            reader.from_pretrained(tmp_path)
     loaded = loader.from_pretrained(tmp_path, initialize_missing_weights=True)  # asked for: initialized, usable
     parameter = loaded.get_parameter(name)
     assert parameter.device.type == "cpu" and torch.isfinite(parameter).all()
@@ -92,9 +93,7 @@ def test_a_diffusers_folder_of_another_class_is_refused(tmp_path):
     for loader in (OptVQModel, OptVQVQModel):
         with pytest.raises(ValueError, match="diffusers VQModel"):
             loader.from_pretrained(tmp_path)
-    OptVQVQModel.from_optvq(tiny()).save_pretrained(tmp_path / "ours")
-    with pytest.raises(ValueError, match="OptVQVQModel.from_pretrained"):  # says how to load it
-        OptVQModel.from_pretrained(tmp_path / "ours")
+
 
 
 @pytest.mark.parametrize("loader", [OptVQModel, OptVQVQModel])
@@ -118,8 +117,7 @@ def test_a_corrupt_weights_file_names_the_folder(layout, tmp_path):
     if layout == "diffusers":  # diffusers' own error names the file
         with pytest.raises(OSError, match=r"Unable to load weights from checkpoint file.*diffusion_pytorch_model"):
             OptVQVQModel.from_pretrained(tmp_path)
-        return
-    for loader in (OptVQModel, OptVQVQModel):
+    for loader in (OptVQModel,) if layout == "diffusers" else (OptVQModel, OptVQVQModel):
         with pytest.raises(ValueError, match=rf"{tmp_path.name} are not a readable safetensors file"):
             loader.from_pretrained(tmp_path)
 

@@ -188,3 +188,59 @@ def test_command_line(tmp_path):
     assert "saved the LM to out" in result.stdout
     assert {"config.json", "model.safetensors", "samples.png", "samples.json", "train_log.json",
             "image_tokenizer"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_prior_on_a_tokenized_dataset_trains_on_the_same_sequences(tmp_path):
+    """tokenize_dataset.py -> train_ar_prior.py --token_dataset: the same training run (losses equal) as the prior
+    tokenizing the same images itself, and the samples decode with the tokenizer the card names."""
+    import datasets
+
+    import training_helpers  # noqa: F401  (puts examples/ on sys.path)
+    import tokenize_dataset
+
+    script = _load_script()
+    images, labels = script.synthetic_digits(24, seed=2, size=16)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    os.makedirs(tmp_path / "digits")
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+        str(tmp_path / "digits" / "train-00000-of-00001.parquet"))
+    torch.manual_seed(0)
+    config = OptVQConfig.from_preset("optvq-mnist", codebook_size=16, num_heads=2, embed_dim=8, base_channels=8,
+                                     latent_channels=8, resolution=16)
+    OptVQModel(config).save_pretrained(tmp_path / "tokenizer")
+    tokenize_dataset.main(["--model_name_or_path", str(tmp_path / "tokenizer"), "--dataset_name",
+                           str(tmp_path / "digits"), "--keep_columns", "label", "--output_dir", str(tmp_path / "tokens"),
+                           "--shard_size", "10", "--disable_progress_bar"])
+    common = ["--max_train_samples", "20", "--max_train_steps", "4", "--train_batch_size", "4", "--hidden_size", "32",
+              "--num_layers", "1", "--num_attention_heads", "2", "--num_samples", "3", "--factorized"]
+    script.main(["--token_dataset", str(tmp_path / "tokens"), "--output_dir", str(tmp_path / "from_tokens"), *common])
+    script.main(["--tokenizer", str(tmp_path / "tokenizer"), "--dataset_name", str(tmp_path / "digits"),
+                 "--output_dir", str(tmp_path / "from_images"), *common])
+    logs = [json.loads((tmp_path / name / "train_log.json").read_text()) for name in ("from_tokens", "from_images")]
+    assert logs[0]["num_train_sequences"] == logs[1]["num_train_sequences"] == 20
+    np.testing.assert_allclose([e["loss"] for e in logs[0]["log"]], [e["loss"] for e in logs[1]["log"]], rtol=1e-6)
+    info, processor = _check_samples_png(tmp_path / "from_tokens")
+    assert info["grid_size"] == [4, 4] and processor.model.config.codebook_size == 16
+    with pytest.raises(SystemExit):
+        script.parse_args(["--token_dataset", "t", "--train_tokenizer_steps", "3", "--output_dir", "x"])
+
+
+def test_factorized_sampling_passes_the_kv_cache_under_this_transformers_name():
+    """`past_key_values=` is deprecated in newer transformers (removed in 5.40): the sampler uses the name the
+    installed version's forward takes, so it raises no deprecation warning."""
+    import inspect
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    script = _load_script()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)).eval()
+    name = script.cache_keyword(lm.model)
+    assert name in inspect.signature(lm.model.forward).parameters
+    processor = OptVQProcessor(script.OptVQImageProcessor(num_channels=1), codebook_size=4, num_heads=2, offset=3,
+                               head_vocabulary="per_head", factorized=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = script.sample_factorized(lm, processor, [0, 1], (2, 2), boi_token_id=2)
+    assert rows.shape == (2, 4, 2)

@@ -160,27 +160,30 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
-def _load_weights(path_or_id, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _load_weights(path_or_id, kwargs: dict[str, Any], weights_name: str = "model.safetensors",
+                  bin_name: str = "pytorch_model.bin") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     hub_kwargs = _hub_kwargs(kwargs)
     weights_file = cached_file(
-        str(path_or_id), "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        str(path_or_id), weights_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
     if weights_file is not None:
         with weights_file_errors_named(str(path_or_id)):
             return load_file(weights_file)
     bin_file = cached_file(
-        str(path_or_id), "pytorch_model.bin", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        str(path_or_id), bin_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
     if bin_file is None:
-        raise OSError(f"{path_or_id} has neither model.safetensors nor pytorch_model.bin.")
+        raise OSError(f"{path_or_id} has neither {weights_name} nor {bin_name}.")
     # Never unpickle arbitrary objects: tensors only.
     return torch.load(bin_file, map_location="cpu", weights_only=True)
 
 
-def load_original_model(model_class, path_or_id, original_config: dict[str, Any], **kwargs):
-    """Build `model_class` from an original-layout folder or Hub id, converting config and weights."""
+def _split_loading_kwargs(kwargs: dict[str, Any], what: str):
+    """`from_pretrained` keyword arguments -> `(dtype, device_map, initialize_missing_weights, hub kwargs,
+    OptVQConfig overrides)`; anything else is a `TypeError`."""
+    kwargs = dict(kwargs)
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     device_map = kwargs.pop("device_map", None)
     allow_missing = bool(kwargs.pop("initialize_missing_weights", False))
@@ -188,7 +191,14 @@ def load_original_model(model_class, path_or_id, original_config: dict[str, Any]
     kwargs.pop("trust_remote_code", None)
     config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTVQ_CONFIG_FIELDS}
     if kwargs:
-        raise TypeError(f"Unexpected arguments for loading an original OptVQ checkpoint: {sorted(kwargs)}.")
+        raise TypeError(f"Unexpected arguments for loading {what}: {sorted(kwargs)}.")
+    return dtype, device_map, allow_missing, hub_kwargs, config_overrides
+
+
+def load_original_model(model_class, path_or_id, original_config: dict[str, Any], **kwargs):
+    """Build `model_class` from an original-layout folder or Hub id, converting config and weights."""
+    dtype, device_map, allow_missing, hub_kwargs, config_overrides = _split_loading_kwargs(
+        kwargs, "an original OptVQ checkpoint")
     config = config_from_original(original_config, source=f"the config.json of {path_or_id}", **config_overrides)
     state_dict = convert_original_state_dict(_load_weights(path_or_id, hub_kwargs))
     model = model_class(config)
@@ -200,6 +210,27 @@ def load_original_model(model_class, path_or_id, original_config: dict[str, Any]
     )
     model = _place(model, dtype, device_map)
     return model.eval()
+
+
+def is_diffusers_config(config_dict: dict[str, Any] | None) -> bool:
+    """Whether a `config.json` dict is an [`OptVQVQModel`] saved by diffusers (`save_pretrained` of the diffusers
+    front end: `_class_name`, the OptVQ fields and the `VQModel` names derived from them)."""
+    return isinstance(config_dict, dict) and config_dict.get("_class_name") == "OptVQVQModel"
+
+
+def load_diffusers_model(model_class, path_or_id, config_dict: dict[str, Any], **kwargs):
+    """Build `model_class` from a diffusers-layout [`OptVQVQModel`] folder or Hub id (`config.json` +
+    `diffusion_pytorch_model.safetensors`). Both front ends share one state dict, so the weights load as they are;
+    the diffusers-only settings (`scaling_factor`, ...) are dropped. Needs no diffusers install."""
+    dtype, device_map, allow_missing, hub_kwargs, config_overrides = _split_loading_kwargs(
+        kwargs, "a diffusers-layout OptVQ model")
+    values = {key: config_dict[key] for key in OPTVQ_CONFIG_FIELDS if key in config_dict}
+    config = OptVQConfig(**{**values, **config_overrides})
+    state_dict = _load_weights(path_or_id, hub_kwargs, "diffusion_pytorch_model.safetensors",
+                               "diffusion_pytorch_model.bin")
+    model = model_class(config)
+    load_converted_state_dict(model, state_dict, source=str(path_or_id), allow_missing=allow_missing)
+    return _place(model, dtype, device_map).eval()
 
 
 def load_converted_state_dict(model, state_dict: dict[str, torch.Tensor], source: str = "the checkpoint",

@@ -80,6 +80,23 @@ class OptVQImageProcessor(PilBackend):
         )
         return cls(**{**defaults, **kwargs})
 
+    @classmethod
+    def from_pretrained_or_model_config(cls, pretrained_model_name_or_path, config,
+                                        **kwargs) -> "OptVQImageProcessor":
+        """The processor saved next to a model (`preprocessor_config.json` at a folder or Hub id), or, when there is
+        none (diffusers-layout and original-release folders have none), the one built from its config
+        ([`~OptVQImageProcessor.from_model_config`]).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): the model's folder or Hub id.
+            config (`OptVQConfig`): the loaded model's config (used when no processor is saved).
+            kwargs: hub arguments of `from_pretrained` (`revision`, `subfolder`, `cache_dir`, `token`, ...).
+        """
+        try:
+            return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError):
+            return cls.from_model_config(config)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         num_channels = kwargs.pop("num_channels", None) or self.num_channels
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb

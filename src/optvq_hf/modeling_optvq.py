@@ -228,16 +228,18 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------------------------------
-    # Loading: native folders through transformers, original-release folders converted on the fly
+    # Loading: native folders through transformers, diffusers and original-release folders too
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load a model saved by `save_pretrained` or, converting on the fly, one in the original release's layout.
+        """Load a model saved by `save_pretrained`, by the diffusers front end (`OptVQVQModel.save_pretrained`) or,
+        converting on the fly, one in the original release's layout.
 
         Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or a local folder. Original-layout
-                repositories (`BorelTHU/optvq-16x16x4`: nested `encoder`/`decoder`/`quantize` config, `model.`-prefixed
-                keys) are detected and converted; this is logged.
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or a local folder (with `subfolder=`,
+                e.g. a pipeline's `vqvae`). Original-layout repositories (`BorelTHU/optvq-16x16x4`: nested
+                `encoder`/`decoder`/`quantize` config, `model.`-prefixed keys) are detected and converted (this is
+                logged); diffusers-layout `OptVQVQModel` folders (`diffusion_pytorch_model.safetensors`) load as is.
             initialize_missing_weights (`bool`, *optional*, defaults to `False`): initialize weights the checkpoint
                 lacks. By default a checkpoint missing any weight raises a `ValueError` naming them.
             ignore_mismatched_sizes (`bool`, *optional*, defaults to `False`): initialize weights whose shape in the
@@ -245,19 +247,25 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
             kwargs: the usual transformers loading arguments (`dtype`, `device_map`, `revision`, `cache_dir`,
                 `token`, `local_files_only`, `output_loading_info`, config overrides, ...).
 
-        A folder whose `config.json` names another `model_type` (or is not UTF-8 JSON) raises a `ValueError`.
+        A folder whose `config.json` names another model type (or is not UTF-8 JSON) raises a `ValueError`.
         """
-        from .convert_original import is_original_config, load_original_model, read_config_dict
+        from .convert_original import (
+            is_diffusers_config,
+            is_original_config,
+            load_diffusers_model,
+            load_original_model,
+            read_config_dict,
+        )
 
         config_dict = read_config_dict(pretrained_model_name_or_path, kwargs)  # raises if unreadable
         if is_original_config(config_dict):
             return load_original_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
+        if is_diffusers_config(config_dict):
+            return load_diffusers_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
         found_type = (config_dict or {}).get("model_type")
         if config_dict is not None and found_type is None and "_class_name" in config_dict:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds a diffusers {config_dict['_class_name']}, not a transformers "
-                f"OptVQ folder (load an OptVQVQModel folder with `OptVQVQModel.from_pretrained(...).to_optvq()`)."
-            )
+            raise ValueError(f"{pretrained_model_name_or_path} holds a diffusers {config_dict['_class_name']}, not an "
+                             f"OptVQ model.")
         if config_dict is not None and found_type != cls.config_class.model_type:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a model of type {found_type!r}, not an OptVQ model (model_type "

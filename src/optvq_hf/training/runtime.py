@@ -10,7 +10,7 @@ import traceback
 
 import torch
 
-__all__ = ["set_cpu_threads", "accelerate_state_conflicts", "run_in_fresh_process"]
+__all__ = ["set_cpu_threads", "distributed_state", "accelerate_state_conflicts", "run_in_fresh_process"]
 
 
 def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1):
@@ -22,6 +22,18 @@ def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1
     elif "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(1, num_local_processes)))
+
+
+def distributed_state():
+    """Accelerate's `PartialState` of this process, for scripts that split work over processes without an
+    `Accelerator` (inference, tokenization). On a machine without a GPU, `PartialState()` under `torchrun` or
+    `accelerate launch --multi_gpu` reports `DistributedType.NO` (every process would believe it is the only one);
+    this asks for the CPU (gloo) state there, so several launched processes give `DistributedType.MULTI_CPU` with
+    their real ranks."""
+    from accelerate import PartialState
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=several and not torch.cuda.is_available())
 
 
 def accelerate_state_conflicts(mixed_precision: str | None = None) -> bool:
