@@ -436,10 +436,12 @@ def train(args: argparse.Namespace) -> dict:
             raw = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                      streaming=args.streaming, cache_dir=args.cache_dir, token=args.hub_token)
             description = args.dataset_name or args.train_data_dir
-    train_split, eval_split = split_train_and_eval(raw, args.train_split, args.validation_split,
-                                                   args.validation_split_percentage, args.max_eval_samples, args.seed)
-    image_column = find_image_column(train_split.features, args.image_column)
+    image_column = find_image_column(raw[args.train_split].features, args.image_column) if args.train_split in raw \
+        else None  # (an unknown split: split_train_and_eval says so)
     center_crops = ImagePreprocessor(processor, resolution, center_crop=True)
+    train_split, eval_split = split_train_and_eval(raw, args.train_split, args.validation_split,
+                                                   args.validation_split_percentage, args.max_eval_samples, args.seed,
+                                                   image_column=image_column, preprocessor=center_crops)
     eval_images, skipped_eval = decode_image_column(eval_split, image_column, center_crops)
     if eval_images is None:
         raise ValueError("No readable image in the evaluation set.")
@@ -606,7 +608,7 @@ def train(args: argparse.Namespace) -> dict:
                                                               discriminator=discriminator)
                     backward_and_step(accelerator, d_losses.loss, discriminator, disc_optimizer, args.max_grad_norm)
                 loss_means.add(loss_fn.log_terms(d_losses, global_step))
-            window_counts += output.code_counts.detach().to(window_counts.device)
+            window_counts += output.code_counts.detach().sum(0).to(window_counts.device)
             if not accelerator.sync_gradients:
                 continue
 

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/installation.md", "docs/model.md", "docs/quantizer.md", "docs/original_checkpoints.md",
-         "docs/sinkhorn.md", "docs/architecture.md"]
+         "docs/sinkhorn.md", "docs/architecture.md", "docs/reliability.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

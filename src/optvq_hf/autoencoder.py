@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import build_backbone
 from .configuration_optvq import OptVQConfig
 from .quantization import QuantizerOutput, build_quantizer
-from .validation import check_finite, check_token_ids
+from .validation import MAX_FEATURE_MAGNITUDE, check_finite, check_token_ids
 
 __all__ = ["OptVQAutoencoderMixin"]
 
@@ -42,7 +42,8 @@ class OptVQAutoencoderMixin:
         else:
             self.quant_conv = nn.Identity()
             self.post_quant_conv = nn.Identity()
-        self.quantizer = build_quantizer(config)
+        # float32 whatever the default dtype (`from_config(config, dtype=torch.bfloat16)` sets it while building)
+        self.quantizer = build_quantizer(config).float()
         self._no_split_modules = self._backbone_no_split_modules + [type(self.quantizer).__name__]
 
     @property
@@ -51,9 +52,10 @@ class OptVQAutoencoderMixin:
         raise NotImplementedError
 
     # ---- input checks -----------------------------------------------------------------------------------------
-    def check_pixel_values(self, pixel_values: torch.Tensor, name: str = "pixel_values"):
+    def check_pixel_values(self, pixel_values: torch.Tensor, name: str = "pixel_values", check_values: bool = True):
         """Raise a `ValueError` unless `pixel_values` is a finite float `(B, in_channels, H, W)` tensor with `H`, `W`
-        divisible by the downsampling factor (finiteness as in `optvq_hf.validation.check_finite`)."""
+        divisible by the downsampling factor (finiteness as in `optvq_hf.validation.check_finite`; skipped with
+        `check_values=False`)."""
         config = self.optvq_config
         channels = config.in_channels
         if not isinstance(pixel_values, torch.Tensor):
@@ -71,19 +73,20 @@ class OptVQAutoencoderMixin:
             )
         if not pixel_values.is_floating_point():
             raise ValueError(f"`{name}` must be floating point in [-1, 1], got dtype {pixel_values.dtype}.")
-        check_finite(pixel_values, f"`{name}`", self.training)
+        if check_values:
+            check_finite(pixel_values, f"`{name}`", self.training)
 
     def check_latents(self, latents: torch.Tensor, name: str = "latents", quantize: bool = False):
-        """Raise a `ValueError` unless `latents` is a float `(B, embed_dim, h, w)` tensor (finite too when it is to be
-        quantized)."""
+        """Raise a `ValueError` unless `latents` is a finite float `(B, embed_dim, h, w)` tensor (at most
+        `MAX_FEATURE_MAGNITUDE` in magnitude when it is to be quantized); finiteness as in
+        `optvq_hf.validation.check_finite`."""
         expected = self.optvq_config.embed_dim
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != expected:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`{name}` must have shape (B, {expected}, h, w) (embed_dim={expected}), got {shape}.")
         if not latents.is_floating_point():
             raise ValueError(f"`{name}` must be floating point, got dtype {latents.dtype}.")
-        if quantize:
-            check_finite(latents, f"`{name}`", self.training)
+        check_finite(latents, f"`{name}`", self.training, MAX_FEATURE_MAGNITUDE if quantize else None)
 
     def check_token_ids(self, token_ids: torch.Tensor, shape=None, name: str = "Token ids") -> torch.LongTensor:
         """Validate token ids and return them as `(B, num_heads, h, w)` int64.
@@ -130,9 +133,20 @@ class OptVQAutoencoderMixin:
     # ---- the steps --------------------------------------------------------------------------------------------
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pre-quantization latents `(B, embed_dim, h, w)` (encoder then `quant_conv`); checks `pixel_values`."""
-        self.check_pixel_values(pixel_values)
+        self.check_pixel_values(pixel_values, check_values=False)
         hidden_states = self.encoder(pixel_values.to(next(self.encoder.parameters()).dtype))
-        return self.quant_conv(hidden_states)
+        latents = self.quant_conv(hidden_states)
+        # One check, of the latents the quantizer gets (NaN pixels give NaN latents; finite pixels far outside [-1, 1]
+        # can overflow the encoder or the quantizer's loss); its error names the pixels.
+        try:
+            check_finite(latents, "latents", self.training, MAX_FEATURE_MAGNITUDE)
+        except ValueError as error:
+            check_finite(pixel_values, "`pixel_values`")
+            raise ValueError(
+                f"The latents the encoder computed from `pixel_values` are unusable ({error}) `pixel_values` should "
+                f"lie in [-1, 1]; got values in [{float(pixel_values.min()):.3g}, {float(pixel_values.max()):.3g}]."
+            ) from None
+        return latents
 
     def quantize_latents(self, latents: torch.Tensor) -> QuantizerOutput:
         """Quantize latents `(B, embed_dim, h, w)` (unchecked); returns the quantizer's [`QuantizerOutput`]."""

@@ -20,6 +20,7 @@ import torch
 from transformers.utils import cached_file, logging
 
 from .configuration_optvq import OPTVQ_CONFIG_FIELDS, OptVQConfig
+from .validation import check_weights_fit, weights_file_errors_named
 
 logger = logging.get_logger(__name__)
 
@@ -44,7 +45,8 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def read_config_dict(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The `config.json` dict at a local folder or Hub id (hub arguments taken from `kwargs`), or `None` when there is
-    none or it cannot be read."""
+    none (or it cannot be fetched). A `config.json` that is there but is not UTF-8 JSON holding an object raises a
+    `ValueError` naming the file."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         return None
     hub_kwargs = {key: value for key, value in _hub_kwargs(kwargs).items() if value is not None}
@@ -53,13 +55,18 @@ def read_config_dict(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | Non
             str(path_or_id), "config.json", _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False, **hub_kwargs,
         )
-        if config_file is None:
-            return None
+    except (OSError, ValueError):
+        return None
+    if config_file is None:
+        return None
+    try:
         with open(config_file, encoding="utf-8") as handle:
             config_dict = json.load(handle)
-    except (OSError, ValueError):  # json.JSONDecodeError is a ValueError
-        return None
-    return config_dict if isinstance(config_dict, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not a UTF-8 JSON file: {error}") from error
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{config_file} must hold a JSON object (the config's fields), got {type(config_dict).__name__}.")
+    return config_dict
 
 
 def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -68,8 +75,28 @@ def resolve_original_config(path_or_id, kwargs: dict[str, Any]) -> dict[str, Any
     return config_dict if is_original_config(config_dict) else None
 
 
-def config_from_original(original: dict[str, Any], **overrides) -> OptVQConfig:
-    """Translate the original nested config into an [`OptVQConfig`] (overrides win)."""
+_REQUIRED = object()
+
+
+def _field(original: dict[str, Any], section: str, key: str, source: str, default=_REQUIRED):
+    value = original[section].get(key, default)
+    if value is _REQUIRED:
+        raise ValueError(f"{source}: the original config lacks the required field `{section}.{key}`.")
+    return value
+
+
+def config_from_original(original: dict[str, Any], source: str = "the original config", **overrides) -> OptVQConfig:
+    """Translate the original nested config into an [`OptVQConfig`] (overrides win). A missing or invalid field raises
+    a `ValueError` naming `source` (e.g. the file) and the field (`quantize.e_dim`, ...)."""
+    try:
+        return _translate_original_config(original, source, **overrides)
+    except (TypeError, ValueError) as error:  # e.g. OptVQConfig's validation of a translated value
+        if str(error).startswith(source):
+            raise
+        raise ValueError(f"{source}: {error}") from error
+
+
+def _translate_original_config(original: dict[str, Any], source: str, **overrides) -> OptVQConfig:
     encoder, decoder, quantize = (original[section] for section in ORIGINAL_SECTIONS)
     if encoder.get("double_z", False):
         raise ValueError("Original configs with `double_z=True` (a KL autoencoder) are not OptVQ models.")
@@ -85,26 +112,30 @@ def config_from_original(original: dict[str, Any], **overrides) -> OptVQConfig:
         logger.warning("Original use_prob=True sampled tokens from the plan; tokens are taken by argmax here.")
     if quantize.get("use_norm", False):
         raise ValueError("Original configs with `use_norm=True` are not supported (the original code refuses them too).")
+    normalize_mode = quantize.get("normalize_mode", "all")
+    if not isinstance(normalize_mode, (str, type(None))) or normalize_mode not in _NORMALIZE_MODES:
+        raise ValueError(f"{source}: `quantize.normalize_mode` must be one of "
+                         f"{sorted(mode for mode in _NORMALIZE_MODES if mode)} or null, got {normalize_mode!r}.")
     values = dict(
         architecture="vqgan",
         in_channels=encoder.get("in_channels", 3),
         out_channels=decoder.get("out_ch", 3),
-        base_channels=encoder["ch"],
-        channel_multipliers=list(encoder["ch_mult"]),
-        num_res_blocks=encoder["num_res_blocks"],
+        base_channels=_field(original, "encoder", "ch", source),
+        channel_multipliers=list(_field(original, "encoder", "ch_mult", source)),
+        num_res_blocks=_field(original, "encoder", "num_res_blocks", source),
         attn_resolutions=list(encoder.get("attn_resolutions", [])),
         resolution=encoder.get("resolution", 256),
-        latent_channels=encoder["z_channels"],
+        latent_channels=_field(original, "encoder", "z_channels", source),
         dropout=encoder.get("dropout", 0.0),
         use_quant_conv=original.get("use_connector", True),
-        embed_dim=quantize["e_dim"],
-        codebook_size=quantize["n_e"],
+        embed_dim=_field(original, "quantize", "e_dim", source),
+        codebook_size=_field(original, "quantize", "n_e", source),
         num_heads=quantize.get("num_head", 1),
         use_codebook_projection=quantize.get("use_proj", True),
         quantizer_type="optvq" if quantize_type == "optvq" else "vq",
         epsilon=float(quantize.get("epsilon", 10.0)),
         num_iters=int(quantize.get("n_iters", 5)),
-        normalization=_NORMALIZE_MODES[quantize.get("normalize_mode", "all")],
+        normalization=_NORMALIZE_MODES[normalize_mode],
         commitment_weight=1.0,
         beta=float(quantize.get("beta", 0.25)),
     )
@@ -138,7 +169,8 @@ def _load_weights(path_or_id, kwargs: dict[str, Any], weights_name: str = "model
         str(path_or_id), weights_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
     if weights_file is not None:
-        return load_file(weights_file)
+        with weights_file_errors_named(str(path_or_id)):
+            return load_file(weights_file)
     bin_file = cached_file(
         str(path_or_id), bin_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
@@ -149,26 +181,28 @@ def _load_weights(path_or_id, kwargs: dict[str, Any], weights_name: str = "model
 
 
 def _split_loading_kwargs(kwargs: dict[str, Any], what: str):
-    """`from_pretrained` keyword arguments -> `(dtype, device_map, hub kwargs, OptVQConfig overrides)`; anything else
-    is a `TypeError`."""
+    """`from_pretrained` keyword arguments -> `(dtype, device_map, initialize_missing_weights, hub kwargs,
+    OptVQConfig overrides)`; anything else is a `TypeError`."""
     kwargs = dict(kwargs)
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     device_map = kwargs.pop("device_map", None)
+    allow_missing = bool(kwargs.pop("initialize_missing_weights", False))
     hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _HUB_KWARGS}
     kwargs.pop("trust_remote_code", None)
     config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTVQ_CONFIG_FIELDS}
     if kwargs:
         raise TypeError(f"Unexpected arguments for loading {what}: {sorted(kwargs)}.")
-    return dtype, device_map, hub_kwargs, config_overrides
+    return dtype, device_map, allow_missing, hub_kwargs, config_overrides
 
 
 def load_original_model(model_class, path_or_id, original_config: dict[str, Any], **kwargs):
     """Build `model_class` from an original-layout folder or Hub id, converting config and weights."""
-    dtype, device_map, hub_kwargs, config_overrides = _split_loading_kwargs(kwargs, "an original OptVQ checkpoint")
-    config = config_from_original(original_config, **config_overrides)
+    dtype, device_map, allow_missing, hub_kwargs, config_overrides = _split_loading_kwargs(
+        kwargs, "an original OptVQ checkpoint")
+    config = config_from_original(original_config, source=f"the config.json of {path_or_id}", **config_overrides)
     state_dict = convert_original_state_dict(_load_weights(path_or_id, hub_kwargs))
     model = model_class(config)
-    load_converted_state_dict(model, state_dict)
+    load_converted_state_dict(model, state_dict, source=str(path_or_id), allow_missing=allow_missing)
     logger.info(
         "Converted the original-layout OptVQ checkpoint %s on the fly (nested config, `model.`-prefixed keys; "
         "training-only `loss.*` weights dropped). Save it with `save_pretrained` to skip this next time.",
@@ -188,34 +222,30 @@ def load_diffusers_model(model_class, path_or_id, config_dict: dict[str, Any], *
     """Build `model_class` from a diffusers-layout [`OptVQVQModel`] folder or Hub id (`config.json` +
     `diffusion_pytorch_model.safetensors`). Both front ends share one state dict, so the weights load as they are;
     the diffusers-only settings (`scaling_factor`, ...) are dropped. Needs no diffusers install."""
-    dtype, device_map, hub_kwargs, config_overrides = _split_loading_kwargs(kwargs, "a diffusers-layout OptVQ model")
+    dtype, device_map, allow_missing, hub_kwargs, config_overrides = _split_loading_kwargs(
+        kwargs, "a diffusers-layout OptVQ model")
     values = {key: config_dict[key] for key in OPTVQ_CONFIG_FIELDS if key in config_dict}
     config = OptVQConfig(**{**values, **config_overrides})
     state_dict = _load_weights(path_or_id, hub_kwargs, "diffusion_pytorch_model.safetensors",
                                "diffusion_pytorch_model.bin")
     model = model_class(config)
-    load_converted_state_dict(model, state_dict)
+    load_converted_state_dict(model, state_dict, source=str(path_or_id), allow_missing=allow_missing)
     return _place(model, dtype, device_map).eval()
 
 
-def load_converted_state_dict(model, state_dict: dict[str, torch.Tensor]):
-    """`load_state_dict` that reports missing, unexpected and mis-shaped weights as one `ValueError`."""
+def load_converted_state_dict(model, state_dict: dict[str, torch.Tensor], source: str = "the checkpoint",
+                              allow_missing: bool = False):
+    """`load_state_dict` that reports missing and mis-shaped weights as one `ValueError` naming them (see
+    `optvq_hf.validation.check_weights_fit`); with `allow_missing`, missing weights keep their initialization."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-        for key in sorted(set(own) & set(state_dict))
-        if own[key].shape != state_dict[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "The checkpoint's weights do not fit the config:"
-            + (f"\n  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
-            + (f"\n  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}" if unexpected else "")
-            + (f"\n  shape mismatch: {mismatched[:10]}" if mismatched else "")
-        )
-    model.load_state_dict(state_dict, strict=True)
+    mismatched = [(key, state_dict[key].shape, own[key].shape) for key in set(own) & set(state_dict)
+                  if own[key].shape != state_dict[key].shape]
+    unexpected = set(state_dict) - set(own)
+    check_weights_fit(source, missing=set(own) - set(state_dict), mismatched=mismatched, unexpected=unexpected,
+                      allow_missing=allow_missing)
+    if unexpected:
+        raise ValueError(f"The weights in {source} hold tensors the model does not have: {sorted(unexpected)[:10]}.")
+    model.load_state_dict(state_dict, strict=not allow_missing)
 
 
 def _place(model, dtype, device_map):

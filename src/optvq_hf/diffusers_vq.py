@@ -23,7 +23,7 @@ from torch import nn
 from .autoencoder import OptVQAutoencoderMixin
 from .configuration_optvq import OPTVQ_CONFIG_FIELDS, OptVQConfig
 from .latent_scaling import compute_scaling_factor
-from .validation import check_token_ids, is_integer_tensor
+from .validation import check_token_ids, check_weights_fit, is_integer_tensor
 
 __all__ = ["OptVQVQModel", "OptVQDiffusersQuantizer", "compute_scaling_factor", "OPTVQ_CONFIG_FIELDS"]
 
@@ -228,9 +228,15 @@ class OptVQVQModel(OptVQAutoencoderMixin, VQModel):
         from .convert_original import is_original_config, read_config_dict
         from .modeling_optvq import OptVQModel
 
-        config_dict = read_config_dict(pretrained_model_name_or_path, kwargs) or {}
-        if config_dict.get("model_type") != OptVQConfig.model_type and not is_original_config(config_dict):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config_dict = read_config_dict(pretrained_model_name_or_path, kwargs)  # raises if unreadable
+        if config_dict is not None and config_dict.get("model_type") not in (None, OptVQConfig.model_type):
+            raise ValueError(f"{pretrained_model_name_or_path} holds a model of type {config_dict['model_type']!r}, "
+                             f"not an OptVQ model.")
+        if config_dict is not None and "_class_name" in config_dict and "quantizer_type" not in config_dict:
+            raise ValueError(f"{pretrained_model_name_or_path} holds a diffusers {config_dict['_class_name']}, not an "
+                             f"OptVQVQModel (its config has no OptVQ fields).")
+        if config_dict is None or (config_dict.get("model_type") is None and not is_original_config(config_dict)):
+            return cls._from_diffusers_folder(pretrained_model_name_or_path, kwargs)
         settings = {key: kwargs.pop(key) for key in ("scaling_factor", "force_upcast", "lookup_from_codebook")
                     if key in kwargs}
         dtype = kwargs.pop("torch_dtype", None)
@@ -240,6 +246,56 @@ class OptVQVQModel(OptVQAutoencoderMixin, VQModel):
             raise ValueError(f"`variant={kwargs['variant']!r}` applies to diffusers folders only.")
         kwargs = {key: value for key, value in kwargs.items() if key not in _DIFFUSERS_ONLY_KWARGS}
         return cls.from_optvq(OptVQModel.from_pretrained(pretrained_model_name_or_path, **kwargs), **settings).eval()
+
+    @classmethod
+    def _from_diffusers_folder(cls, pretrained_model_name_or_path, kwargs) -> "OptVQVQModel":
+        """`ModelMixin.from_pretrained`, refusing (`ValueError`, naming them) weights the folder lacks or holds with
+        another shape, unless `initialize_missing_weights=True` / `ignore_mismatched_sizes=True`: diffusers would
+        leave a missing weight on the `meta` device, to fail inside torch at the first call."""
+        allow_missing = bool(kwargs.pop("initialize_missing_weights", False))
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        try:
+            model, loading_info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True,
+                                                          **kwargs)
+        except ValueError as error:  # diffusers names the first mismatched tensor: list them all, both shapes
+            if "shape" not in str(error):
+                raise
+            cls._raise_for_mismatches(pretrained_model_name_or_path, kwargs)
+            raise ValueError(f"The weights in {pretrained_model_name_or_path} do not fit the model's config: "
+                             f"{error}") from error
+        check_weights_fit(str(pretrained_model_name_or_path), missing=loading_info["missing_keys"],
+                          mismatched=loading_info.get("mismatched_keys", ()),
+                          unexpected=loading_info["unexpected_keys"], allow_missing=allow_missing,
+                          allow_mismatched=bool(kwargs.get("ignore_mismatched_sizes", False)))
+        if loading_info["missing_keys"]:  # initialize them (diffusers leaves them on `meta`)
+            fresh = cls.from_config(model.config).state_dict()
+            own = model.state_dict()
+            model.load_state_dict({key: fresh[key].to(own[key].dtype) for key in loading_info["missing_keys"]},
+                                  strict=False, assign=True)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _raise_for_mismatches(cls, pretrained_model_name_or_path, kwargs):
+        """Compare the shapes in the folder's safetensors files with the model its config builds (on `meta`)."""
+        import glob
+        import os
+
+        from safetensors import safe_open
+
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not os.path.isdir(folder) or not files:
+            return
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in cls.from_config(cls.load_config(folder)).state_dict().items()}
+        found = {}
+        for path in files:
+            with safe_open(path, framework="pt") as handle:
+                found.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        check_weights_fit(str(pretrained_model_name_or_path),
+                          mismatched=[(n, found[n], expected[n]) for n in set(found) & set(expected)
+                                      if found[n] != expected[n]],
+                          unexpected=set(found) - set(expected), allow_missing=True)
 
     @torch.no_grad()
     def fit_scaling_factor(self, batches, max_batches: int | None = None) -> float:

@@ -40,7 +40,9 @@ class OptVQImageProcessor(PilBackend):
         do_rescale (`bool`, *optional*, defaults to `True`): multiply by `rescale_factor` (1/255).
         do_normalize (`bool`, *optional*, defaults to `True`): subtract `image_mean` (0.5) and divide by `image_std`
             (0.5), which maps [0, 1] to [-1, 1].
-        do_convert_rgb (`bool`, *optional*, defaults to `True`): convert inputs to RGB first.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`): convert inputs to RGB first (then to grayscale when
+            `num_channels=1`). `False` keeps the input's channels as they are (e.g. 4-channel arrays, with 4-entry
+            `image_mean` / `image_std`).
         num_channels (`int`, *optional*, defaults to 3): 3 for RGB models, 1 for grayscale models.
     """
 
@@ -97,8 +99,10 @@ class OptVQImageProcessor(PilBackend):
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         num_channels = kwargs.pop("num_channels", None) or self.num_channels
-        array = super().process_image(image, do_convert_rgb=True, input_data_format=input_data_format, **kwargs)
-        if num_channels == 1:
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+        array = super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format,
+                                      **kwargs)
+        if num_channels == 1 and do_convert_rgb:  # without conversion, channels stay as given
             luma = np.tensordot(_LUMA, array[:3].astype(np.float32), axes=(0, 0))
             array = np.clip(np.round(luma), 0, 255).astype(array.dtype)[None] if array.dtype == np.uint8 else luma[None]
         return array

@@ -17,6 +17,7 @@ from .backbones import OptVQAttnBlock, OptVQResnetBlock
 from .configuration_optvq import OptVQConfig
 from .model_card import build_model_card
 from .quantization import CodebookQuantizer, QuantizerOutput
+from .validation import check_weights_fit, weights_file_errors_named
 
 logger = logging.get_logger(__name__)
 
@@ -38,8 +39,9 @@ class OptVQEncoderOutput(ModelOutput):
             Perplexity of this batch's code histogram.
         codebook_usage (`torch.FloatTensor` of shape `()`):
             Fraction of codes used by this batch.
-        code_counts (`torch.FloatTensor` of shape `(codebook_size,)`):
-            How often each code was chosen in this batch.
+        code_counts (`torch.FloatTensor` of shape `(B, codebook_size)`):
+            How often each code was chosen in each image (`code_counts.sum(0)`: the batch's histogram). Every
+            field with a batch axis is per sample, so outputs can be split by sample (Trainer's prediction loop).
     """
 
     latents: torch.FloatTensor | None = None
@@ -73,9 +75,12 @@ class OptVQModelOutput(ModelOutput):
 
 
 def _quantizer_fields(output: QuantizerOutput) -> dict:
-    """The model-output fields of a [`QuantizerOutput`]."""
+    """The model-output fields of a [`QuantizerOutput`]; `code_counts` per image `(B, codebook_size)`."""
+    token_ids = output.token_ids.flatten(1)
+    code_counts = torch.zeros(token_ids.shape[0], output.code_counts.shape[0], device=token_ids.device)
+    code_counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=code_counts.dtype))
     return dict(quantized=output.quantized, token_ids=output.token_ids, quantization_loss=output.loss,
-                perplexity=output.perplexity, codebook_usage=output.codebook_usage, code_counts=output.code_counts)
+                perplexity=output.perplexity, codebook_usage=output.codebook_usage, code_counts=code_counts)
 
 
 class OptVQPreTrainedModel(PreTrainedModel):
@@ -92,10 +97,14 @@ class OptVQPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        # PyTorch's default initialization for convolutions and norms, as the original code; the quantizer
-        # initializes itself (table ~ N(0, 1), projection ~ N(0, 1/d)).
-        if isinstance(module, CodebookQuantizer):
-            module.reset_parameters()
+        # Every parameter is one of these cases (tests/test_conformance.py drops each one from a checkpoint in turn).
+        # The quantizer's table and projection get the quantizer's own initialization (table ~ N(0, 1), projection ~
+        # N(0, 1/d)) whichever of its modules transformers visits: it skips a module without direct parameters, like
+        # the quantizer itself. Under transformers' loading, the init functions leave loaded parameters alone.
+        # Convolutions and norms: PyTorch's defaults (the small CNN's convolutions define their own), as the original.
+        quantizer = getattr(self, "quantizer", None)
+        if isinstance(quantizer, CodebookQuantizer) and any(module is part for part in quantizer.modules()):
+            quantizer.reset_parameters()
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             module.reset_parameters()
         elif isinstance(module, nn.GroupNorm):
@@ -231,8 +240,14 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
                 e.g. a pipeline's `vqvae`). Original-layout repositories (`BorelTHU/optvq-16x16x4`: nested
                 `encoder`/`decoder`/`quantize` config, `model.`-prefixed keys) are detected and converted (this is
                 logged); diffusers-layout `OptVQVQModel` folders (`diffusion_pytorch_model.safetensors`) load as is.
+            initialize_missing_weights (`bool`, *optional*, defaults to `False`): initialize weights the checkpoint
+                lacks. By default a checkpoint missing any weight raises a `ValueError` naming them.
+            ignore_mismatched_sizes (`bool`, *optional*, defaults to `False`): initialize weights whose shape in the
+                checkpoint differs from the config's. By default they raise a `ValueError` listing both shapes.
             kwargs: the usual transformers loading arguments (`dtype`, `device_map`, `revision`, `cache_dir`,
-                `token`, `local_files_only`, config overrides, ...).
+                `token`, `local_files_only`, `output_loading_info`, config overrides, ...).
+
+        A folder whose `config.json` names another model type (or is not UTF-8 JSON) raises a `ValueError`.
         """
         from .convert_original import (
             is_diffusers_config,
@@ -242,17 +257,33 @@ class OptVQModel(OptVQAutoencoderMixin, OptVQPreTrainedModel):
             read_config_dict,
         )
 
-        config_dict = read_config_dict(pretrained_model_name_or_path, kwargs)
+        config_dict = read_config_dict(pretrained_model_name_or_path, kwargs)  # raises if unreadable
         if is_original_config(config_dict):
             return load_original_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
         if is_diffusers_config(config_dict):
             return load_diffusers_model(cls, pretrained_model_name_or_path, config_dict, **kwargs)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except RuntimeError as error:
-            if "size mismatch" in str(error) or "mismatched" in str(error):
-                raise ValueError(f"The checkpoint's weights do not fit the config: {error}") from error
-            raise
+        found_type = (config_dict or {}).get("model_type")
+        if config_dict is not None and found_type is None and "_class_name" in config_dict:
+            raise ValueError(f"{pretrained_model_name_or_path} holds a diffusers {config_dict['_class_name']}, not an "
+                             f"OptVQ model.")
+        if config_dict is not None and found_type != cls.config_class.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a model of type {found_type!r}, not an OptVQ model (model_type "
+                f"{cls.config_class.model_type!r}, or the original release's layout)."
+            )
+        allow_missing = bool(kwargs.pop("initialize_missing_weights", False))
+        allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        # Mismatched weights are reported here (listed with both shapes, at any verbosity), not by transformers.
+        with weights_file_errors_named(str(pretrained_model_name_or_path)):
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs
+            )
+        check_weights_fit(str(pretrained_model_name_or_path), missing=loading_info["missing_keys"],
+                          mismatched=loading_info["mismatched_keys"], unexpected=loading_info["unexpected_keys"],
+                          allow_missing=allow_missing, allow_mismatched=allow_mismatched)
+        return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, model_card: bool | ModelCard = True,
                         source_checkpoint: str | None = None, **kwargs):

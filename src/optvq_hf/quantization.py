@@ -37,7 +37,7 @@ from .sinkhorn import (
     euclidean_argmin,
     sinkhorn_assign,
 )
-from .validation import check_finite, check_token_ids
+from .validation import MAX_FEATURE_MAGNITUDE, check_finite, check_token_ids
 
 __all__ = [
     "QuantizerOutput",
@@ -346,7 +346,7 @@ class CodebookQuantizer(nn.Module):
             )
         if not features.is_floating_point():
             raise ValueError(f"Features must be floating point, got {features.dtype}.")
-        check_finite(features, "Features", self.training)
+        check_finite(features, "Features", self.training, MAX_FEATURE_MAGNITUDE)
 
     def forward(self, features: torch.Tensor, *, check_input: bool = True) -> QuantizerOutput:
         """Quantize `features` of shape `(B, C, H, W)` or `(B, T, C)`; returns a [`QuantizerOutput`].
@@ -369,6 +369,8 @@ class CodebookQuantizer(nn.Module):
             batch, length, _ = sequence.shape
             flat = sequence.float().reshape(-1, self.code_dim)  # (B * T * heads, code_dim), heads innermost
             quantized, loss, token_ids = self.quantize_rows(flat, self.codebook)
+            if not flat.numel():  # no rows (an empty batch): no loss rather than the NaN mean of nothing
+                loss = flat.sum() * loss.nan_to_num(0.0)
             code_counts, perplexity, usage = self._statistics(token_ids)
 
         quantized = quantized.reshape(batch, length, self.dim).to(input_dtype)

@@ -121,6 +121,8 @@ def _validate_pair(features: torch.Tensor, codebook: torch.Tensor, name: str):
         )
     if codebook.shape[0] < 1:
         raise ValueError("The codebook must hold at least one code.")
+    if features.shape[1] < 1:
+        raise ValueError(f"{name} needs features with at least one channel, got shape {tuple(features.shape)}.")
     if not features.is_floating_point() or not codebook.is_floating_point():
         raise ValueError(f"features and codebook must be floating point, got {features.dtype} and {codebook.dtype}.")
 
@@ -180,15 +182,17 @@ class _Distances:
     keep its squares from overflowing (huge inputs) or underflowing (tiny ones).
     """
 
-    def __init__(self, features: torch.Tensor, codebook: torch.Tensor, group):
+    def __init__(self, features: torch.Tensor, codebook: torch.Tensor, group, name: str = "sinkhorn_assign"):
         center = codebook.mean(dim=0)
         features = features - center
         codebook = codebook - center
-        largest = torch.stack(
-            [features.abs().amax() if features.numel() else features.new_zeros(()), codebook.abs().amax()]
-        ).amax()
-        largest = float(_all_reduce(largest.reshape(1), "max", group)[0])
-        exponent = math.frexp(largest)[1] if largest > 0 and math.isfinite(largest) else 0
+        largest = float(_all_reduce(_largest_magnitude(features, codebook).reshape(1), "max", group)[0])
+        if not math.isfinite(largest):  # read back anyway: the finiteness check costs no extra synchronization
+            raise ValueError(
+                f"{name}: the features or the codebook contain NaN or Inf values (or float32 values so large, near "
+                f"3.4e38, that their differences overflow: rescale them)."
+            )
+        exponent = math.frexp(largest)[1] if largest > 0 else 0
         self.scale = math.ldexp(1.0, -exponent)  # lambda: largest |entry| lands in [0.5, 1)
         self.features = features * self.scale
         self.codebook = codebook * self.scale
@@ -226,6 +230,40 @@ class _Distances:
             return out.sqrt_()
         torch.mm(self.features_aug[start:stop], self.codebook_aug_t, out=out)
         return out.clamp_min_(0.0).sqrt_()
+
+
+def _largest_magnitude(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The largest ``|entry|`` of both operands (NaN if any entry is NaN), a 0-d tensor."""
+    parts = [part.abs().amax() for part in (features, codebook) if part.numel()]
+    return torch.stack(parts).amax() if parts else features.new_zeros(())
+
+
+#: Magnitudes beyond which wider-than-float32 operands are rescaled (by a power of two, exactly) before the cast.
+_FLOAT32_SAFE_RANGE = (2.0**-60, 2.0**60)
+
+
+def _float32_operands(features: torch.Tensor, codebook: torch.Tensor, group, normalization: str | None, name: str):
+    """The operands in float32, without gradient. float64 operands whose magnitudes lie outside float32's range are
+    first rescaled by one power of two in float64 (exact, and the same on every rank of `group`), which moves no
+    nearest code and no `"all"`-normalized plan; for the other normalizations the distances' scale matters, so such
+    inputs raise a `ValueError`. Non-finite float64 operands raise here (float32 ones in `_Distances`)."""
+    features, codebook = features.detach(), codebook.detach()
+    if torch.float64 not in (features.dtype, codebook.dtype):
+        return features.float(), codebook.float()
+    largest = _largest_magnitude(features.double(), codebook.double())
+    largest = float(_all_reduce(largest.reshape(1), "max", group)[0])
+    if not math.isfinite(largest):
+        raise ValueError(f"{name}: the features or the codebook contain NaN or Inf values.")
+    low, high = _FLOAT32_SAFE_RANGE
+    if largest > 0 and not low <= largest <= high:
+        if normalization not in (None, "all"):
+            raise ValueError(
+                f"{name}: float64 inputs of magnitude {largest:.3g} lie outside float32's range; with normalization="
+                f"{normalization!r} the distances' scale matters, so rescale them yourself (or use 'all')."
+            )
+        scale = math.ldexp(1.0, -math.frexp(largest)[1])
+        features, codebook = features.double() * scale, codebook.double() * scale
+    return features.float(), codebook.float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,7 +348,8 @@ def euclidean_argmin(features: torch.Tensor, codebook: torch.Tensor, block_size:
     if num_rows == 0 or codebook.shape[0] == 1:
         return torch.zeros(num_rows, dtype=torch.long, device=device)
     with _no_autocast(device):
-        distances = _Distances(features.detach().float(), codebook.detach().float(), None)
+        distances = _Distances(*_float32_operands(features, codebook, None, None, "euclidean_argmin"), None,
+                               "euclidean_argmin")
         rows = _chunk_rows(codebook.shape[0], block_size)
         ids = torch.empty(num_rows, dtype=torch.long, device=device)
         buffer = None
@@ -637,16 +676,18 @@ def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
 def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cache, block_size, block_policy, workspace,
               soft=False, log_guard=_LOG_GUARD):
     """The engine: the assignment, or (`soft=True`, always cached) the plan with every row normalized."""
+    name = "sinkhorn_plan" if soft else "sinkhorn_assign"
     with _no_autocast(features.device):
-        return _sinkhorn_float32(features.detach().float(), codebook.detach().float(), float(epsilon), int(num_iters),
-                                 normalization, group, cache, block_size, block_policy, workspace, soft, log_guard)
+        features, codebook = _float32_operands(features, codebook, group, normalization, name)
+        return _sinkhorn_float32(features, codebook, float(epsilon), int(num_iters), normalization, group, cache,
+                                 block_size, block_policy, workspace, soft, log_guard, name)
 
 
 def _sinkhorn_float32(features, codebook, epsilon, num_iters, normalization, group, cache, block_size, block_policy,
-                      workspace, soft, log_guard):
+                      workspace, soft, log_guard, name="sinkhorn_assign"):
     device = features.device
     num_rows = features.shape[0]
-    distances = _Distances(features, codebook, group)
+    distances = _Distances(features, codebook, group, name)
     chunk_rows = _chunk_rows(codebook.shape[0], block_size)
     plan = _Plan(distances, num_rows, chunk_rows, cache, _block_entries(device, block_policy), workspace)
     total_rows = int(_all_reduce(torch.tensor([num_rows], dtype=torch.float64, device=device), "sum", group)[0])

@@ -18,6 +18,7 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
     save_final_model,
+    swap_in_folder,
 )
 from .codebook_init import (
     CODEBOOK_INIT_METHODS,
@@ -76,7 +77,7 @@ from .runtime import accelerate_state_conflicts, distributed_state, run_in_fresh
 
 __all__ = [
     "checkpoint_step", "list_checkpoints", "resolve_resume_checkpoint", "save_checkpoint", "save_final_model",
-    "CODEBOOK_INIT_METHODS", "features_to_rows", "initialize_codebook", "kmeans", "sample_codes", "set_codebook",
+    "swap_in_folder", "CODEBOOK_INIT_METHODS", "features_to_rows", "initialize_codebook", "kmeans", "sample_codes", "set_codebook",
     "CachedImageDataset", "ImagePreprocessor", "InMemoryImageDataset", "OnTheFlyImageDataset",
     "StreamingImageDataset", "augment_batch", "build_demo_dataset", "cache_preprocessed", "collate_images",
     "decode_image", "find_image_column", "load_image_dataset", "to_pixel_values", "augmentation_generator",

@@ -139,12 +139,17 @@ def find_image_column(features, image_column: str | None = None) -> str:
 
 
 def split_train_and_eval(dataset_dict, train_split: str = "train", eval_split: str | None = None,
-                         eval_percentage: float = 1.0, max_eval_samples: int | None = None, seed: int = 0):
+                         eval_percentage: float = 1.0, max_eval_samples: int | None = None, seed: int = 0,
+                         image_column: str | None = None, preprocessor: "ImagePreprocessor | None" = None):
     """The training split and a (small) evaluation set of a dataset.
 
     The evaluation set is `eval_split` if given (checked), else the dataset's `validation` / `valid` / `val` / `test`
     split, else `eval_percentage` percent of the training split held out (map-style; seeded) or its first
     `max_eval_samples` rows (streaming, which the training split then skips). It is cut to `max_eval_samples`.
+
+    With `image_column` and `preprocessor`, a held-out (map-style) evaluation set holds readable images only: an
+    unreadable one drawn into it goes back to the training split (where it is skipped and counted) and the next
+    readable training image takes its place, so an unreadable image never leaves the evaluation set empty.
 
     Returns `(train, eval_set)`.
     """
@@ -168,8 +173,23 @@ def split_train_and_eval(dataset_dict, train_split: str = "train", eval_split: s
         eval_set, train = train.take(max_eval_samples), train.skip(max_eval_samples)
     else:
         held = max(1, int(round(len(train) * eval_percentage / 100)))
-        parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
-        train, eval_set = parts["train"], parts["test"]
+        if max_eval_samples is not None:
+            held = min(held, max(1, max_eval_samples))
+        order = np.random.default_rng(seed).permutation(len(train)).tolist()
+        if image_column is not None and preprocessor is not None:
+            raw = train.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
+                train.features.get(image_column), datasets.Image) else train
+            readable = []
+            for index in order:
+                if len(readable) == held:
+                    break
+                if preprocessor(raw[index][image_column]) is not None:
+                    readable.append(index)
+            held_out = readable or order[:held]
+        else:
+            held_out = order[:held]
+        chosen = set(held_out)
+        train, eval_set = train.select([i for i in range(len(train)) if i not in chosen]), train.select(held_out)
     if max_eval_samples is not None:
         eval_set = eval_set.take(max_eval_samples) if streaming else eval_set.select(
             range(min(max_eval_samples, len(eval_set))))
