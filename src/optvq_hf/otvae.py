@@ -26,6 +26,7 @@ heads, token layout, `embed_tokens`, statistics), so models, checkpoints and too
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -58,7 +59,8 @@ def equipartition_targets(features: torch.Tensor, codebook: torch.Tensor, epsilo
 class OTVAEQuantizer(CodebookQuantizer):
     """OT-VAE quantizer (equipartition OT targets, Gumbel-softmax decoding, no stop-gradient / EMA / reset).
 
-    Takes [`CodebookQuantizer`]'s arguments (`commitment_weight` weights the cross-entropy; `beta` is unused) plus:
+    Takes [`CodebookQuantizer`]'s arguments (`commitment_weight` weights the cross-entropy; `beta` and
+    `quantization_loss` do not apply) plus:
 
     Args:
         epsilon (`float`, defaults to 10.0), num_iters (`int`, defaults to 5), normalization (`str`, defaults to
@@ -75,9 +77,11 @@ class OTVAEQuantizer(CodebookQuantizer):
     def __init__(self, dim: int, codebook_size: int, num_heads: int = 1, use_projection: bool = True,
                  epsilon: float = 10.0, num_iters: int = 5, normalization: str = "all",
                  commitment_weight: float = 1.0, beta: float = 0.0, gumbel_temperature: float = 1.0,
-                 gumbel_hard: bool = False, logit_scale: float = 1.0, sync_across_ranks: bool = True):
+                 gumbel_hard: bool = False, logit_scale: float = 1.0, sync_across_ranks: bool = True,
+                 quantization_loss: str = "l2"):
         super().__init__(dim, codebook_size, num_heads=num_heads, use_projection=use_projection,
-                         commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks)
+                         commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks,
+                         quantization_loss=quantization_loss)
         if normalization not in VALID_NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
         if not (gumbel_temperature > 0 and math.isfinite(gumbel_temperature)):
@@ -96,6 +100,16 @@ class OTVAEQuantizer(CodebookQuantizer):
         return dict(super().config_kwargs(config), epsilon=config.epsilon, num_iters=config.num_iters,
                     normalization=config.normalization, gumbel_temperature=config.gumbel_temperature,
                     gumbel_hard=config.gumbel_hard)
+
+    @classmethod
+    def validate_config(cls, config):
+        if config.quantization_loss != "l2":
+            warnings.warn(
+                f"quantization_loss={config.quantization_loss!r} does not apply to quantizer_type='otvae': its loss is "
+                "the cross-entropy to the equipartition targets.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @classmethod
     def describe(cls, config) -> tuple[str, str]:
