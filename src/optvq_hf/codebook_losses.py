@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["QUANTIZATION_LOSSES", "squared_error", "absolute_error", "distance_cross_entropy"]
+__all__ = ["QUANTIZATION_LOSSES", "squared_error", "absolute_error", "distance_cross_entropy", "distance_std"]
 
 #: The values of `OptVQConfig.quantization_loss`.
 QUANTIZATION_LOSSES = ("l2", "l1", "ce")
@@ -46,6 +46,25 @@ def _block_logits(features, codebook, codebook_sq, squared: bool, scale: float):
 
 def _rows_per_block(num_codes: int) -> int:
     return max(1, _BLOCK_ENTRIES // max(num_codes, 1))
+
+
+@torch.no_grad()
+def distance_std(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Standard deviation (unbiased, as `torch.std`) of all Euclidean distances between the rows of `features`
+    `(N, d)` and `codebook` `(K, d)`, a float32 scalar tensor on their device, computed block by block with float64
+    sums (no `N x K` matrix, no host synchronization)."""
+    features, codebook = features.detach().float(), codebook.detach().float()
+    codebook_sq = codebook.pow(2).sum(1)
+    dtype = torch.float32 if features.device.type == "mps" else torch.float64
+    sums = features.new_zeros(2, dtype=dtype)
+    rows = _rows_per_block(codebook.shape[0])
+    for start in range(0, features.shape[0], rows):
+        _, distance = _block_logits(features[start:start + rows], codebook, codebook_sq, False, 1.0)
+        sums[0] += distance.sum(dtype=dtype)
+        sums[1] += distance.square().sum(dtype=dtype)
+    count = features.shape[0] * codebook.shape[0]
+    variance = (sums[1] - sums[0] * sums[0] / max(count, 1)).clamp_min(0) / max(count - 1, 1)
+    return variance.sqrt().float()
 
 
 class _DistanceCrossEntropy(torch.autograd.Function):
@@ -105,7 +124,7 @@ class _DistanceCrossEntropy(torch.autograd.Function):
 
 
 def distance_cross_entropy(features: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, *,
-                           squared: bool = False, scale: float = 1.0) -> torch.Tensor:
+                           squared: bool = False, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Mean cross-entropy of `softmax(-scale * ||z - c||^p)` over the codes against `targets`, `p = 2 if squared
     else 1`, differentiable in `features` and `codebook`, computed block by block.
 
@@ -120,7 +139,7 @@ def distance_cross_entropy(features: torch.Tensor, codebook: torch.Tensor, targe
         targets (`torch.LongTensor` of shape `(N,)` or `torch.Tensor` of shape `(N, K)`): code ids, or target
             distributions (no gradient flows to them).
         squared (`bool`, defaults to `False`): logits from squared distances instead of distances.
-        scale (`float`, defaults to 1.0): logits are `-scale * distance`.
+        scale (`float` or a scalar tensor without gradient, defaults to 1.0): logits are `-scale * distance`.
     """
     if targets.dtype != torch.long:
         targets = targets.detach().to(features.dtype)
@@ -130,4 +149,4 @@ def distance_cross_entropy(features: torch.Tensor, codebook: torch.Tensor, targe
         if targets.dtype == torch.long:
             return nn.functional.cross_entropy(logits, targets)
         return -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
-    return _DistanceCrossEntropy.apply(features, codebook, targets, bool(squared), float(scale))
+    return _DistanceCrossEntropy.apply(features, codebook, targets, bool(squared), scale)

@@ -31,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from .codebook_losses import distance_cross_entropy, distance_std
 from .quantization import CodebookQuantizer, register_quantizer
 from .sinkhorn import VALID_NORMALIZATIONS, sinkhorn_plan
 
@@ -130,10 +131,25 @@ class OTVAEQuantizer(CodebookQuantizer):
     def assignment(self) -> str:
         return "gumbel" if self.training else "nearest"
 
-    def logits(self, flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """`-logit_scale * ||z - c||^2`, `(N, K)`, differentiable in both arguments."""
-        squared = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
-        return -self.logit_scale * squared.clamp_min(0)
+    def distance_scale(self, flat: torch.Tensor, codebook: torch.Tensor,
+                       distances: torch.Tensor | None = None) -> float | torch.Tensor:
+        """`s` of the logits `-s * ||z - c||`: `logit_scale * epsilon` over the scale that the target plan's cost
+        normalization divides the distances by (the distances' standard deviation for `"all"`, `sqrt(d)` for
+        `"dim"`, 1 for `"none"`), so that `softmax(logits)` is the plan's own kernel before its marginal constraints.
+        `distances` (the `(N, K)` distances, if already computed) saves a pass; the scale carries no gradient.
+        """
+        scale = self.logit_scale * self.epsilon
+        if self.normalization == "dim":
+            return scale / math.sqrt(flat.shape[1])
+        if self.normalization == "all":
+            std = distance_std(flat, codebook) if distances is None else distances.detach().std()
+            return scale / (std + 1e-6)
+        return scale
+
+    def logits(self, flat: torch.Tensor, codebook: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """`-s * ||z - c||` with `s` = [`distance_scale`], `(N, K)`, differentiable in both arguments."""
+        scale = self.distance_scale(flat, codebook) if scale is None else scale
+        return -scale * torch.cdist(flat, codebook)
 
     def targets(self, flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """The equipartition targets `(N, K)` of this call (the global batch in synced training)."""
@@ -143,13 +159,19 @@ class OTVAEQuantizer(CodebookQuantizer):
     def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
         """OT cross-entropy loss (train and eval alike); the Gumbel-softmax decoding in training and the nearest
         code at inference. Layouts, heads, dtypes and statistics are handled by `CodebookQuantizer.forward`."""
-        logits = self.logits(flat, codebook)
-        log_probabilities = torch.log_softmax(logits, dim=1)
-        loss = self.commitment_weight * -(self.targets(flat, codebook) * log_probabilities).sum(dim=1).mean()
         if flat.shape[0] == 0:
-            loss = flat.sum() * 0.0
+            return flat, flat.sum() * 0.0 + codebook.sum() * 0.0, flat.new_zeros(0, dtype=torch.long)
+        targets = self.targets(flat, codebook)
         if self.training:
+            # The Gumbel decoding needs the (N, K) logits anyway: the loss reuses them.
+            distances = torch.cdist(flat, codebook)
+            scale = self.distance_scale(flat, codebook, distances)
+            logits = distances * -scale
+            loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
             weights = nn.functional.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=self.gumbel_hard)
             return weights @ codebook, loss, weights.detach().argmax(dim=1)
-        token_ids = logits.detach().argmax(dim=1)
+        # Block by block with its own backward: no (N, K) logits or softmax kept for backward.
+        scale = self.distance_scale(flat, codebook)
+        loss = self.commitment_weight * distance_cross_entropy(flat, codebook, targets, scale=scale)
+        token_ids = self.nearest(flat, codebook)  # the most likely code: argmax of the logits
         return nn.functional.embedding(token_ids, codebook), loss, token_ids
