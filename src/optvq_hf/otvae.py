@@ -4,19 +4,26 @@ From "Learning Discrete Representation with Optimal Transport Quantized Autoenco
 stop-gradient losses, EMA updates or code resets, the assignment of features to codes is regularized by optimal
 transport: over a batch, a Sinkhorn plan with uniform code marginals (every code receives the same mass, the
 "equipartition" constraint of SeLa / SwAV clustering) gives soft *targets* `q`; the quantizer's own categorical
-distribution `p(k | z) = softmax(-||z - c_k||^2)` is trained towards them by cross-entropy, which moves both the
+distribution `p(k | z) = softmax(-s * ||z - c_k||)` is trained towards them by cross-entropy, which moves both the
 encoder features and the codes (no stop-gradient anywhere). During training the decoder receives a Gumbel-softmax
 sample of `p` (`sum_k y_k c_k`), a differentiable stochastic decoding; at inference the token is the most likely
 code, i.e. the nearest one, and the decoder receives that code.
 
 How our implementation reads the paper (the summary available to us gives the method, not every constant):
 
-* logits are negative squared Euclidean distances between a head's features and the (projected) codes;
+* logits are `-s * ||z - c||`, Euclidean distances between a head's features and the (projected) codes on the
+  target plan's own scale: `s = logit_scale * epsilon / sigma`, `sigma` what the plan's cost normalization divides the
+  distances by (their standard deviation over the batch for `"all"`, `sqrt(d)` for `"dim"`, 1 for `"none"`), so that
+  `p` is the plan's kernel before its marginal constraints and the targets are `p` made equipartitioned. (With
+  `-||z - c||^2` at scale 1, as before, `p` was nearly uniform over many codes for the small MNIST code dimension: the
+  Gumbel mixture decoded in training was an average of many codes, and at inference the nearest codes of the features
+  concentrated on a few; see docs/quantizer.md, "OT-VAE");
 * targets are the Sinkhorn engine's soft plan ([`~optvq_hf.sinkhorn.sinkhorn_plan`]) with OptVQ's cost (Euclidean
   distances normalized over the batch, `normalization`), inverse temperature `epsilon`, `num_iters` rounds and exact
   marginals, each row rescaled to sum to 1; they carry no gradient. In training under `torch.distributed` the plan
   covers the global batch (`sync_across_ranks`, `process_group`); eval mode never communicates;
-* loss = `commitment_weight * mean_i CE(q_i, p_i)`;
+* loss = `commitment_weight * mean_i CE(q_i, p_i)` (in eval mode block by block, without `(N, K)` matrices kept for
+  backward);
 * Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard.
 
 The member shares [`CodebookQuantizer`]'s parameters and interface (codebook table + optional shared projection,
@@ -69,7 +76,8 @@ class OTVAEQuantizer(CodebookQuantizer):
         gumbel_temperature (`float`, defaults to 1.0): temperature of the Gumbel-softmax sample decoded in training.
         gumbel_hard (`bool`, defaults to `False`): decode a one-hot sample with straight-through gradients instead
             of the soft sample.
-        logit_scale (`float`, defaults to 1.0): logits are `-logit_scale * ||z - c||^2`.
+        logit_scale (`float`, defaults to 1.0): logits are `-logit_scale * epsilon * ||z - c|| / sigma` (`sigma`: the
+            distance scale of the plan's cost normalization, see [`distance_scale`]).
     """
 
     display_name = "OT-VAE"
