@@ -200,3 +200,16 @@ def test_loss_keeps_no_rows_by_codes_matrix_for_backward():
     assert sorted(saved, reverse=True)[1] < num_rows * 32
     out.loss.backward()
     assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+
+
+def test_gumbel_softmax_samples_the_categorical():
+    from optvq_hf.otvae import gumbel_softmax
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).log_softmax(1).expand(200_000, 4).contiguous()
+    samples = gumbel_softmax(logits, 1.0, hard=True)
+    assert torch.equal(samples.sum(1), torch.ones(200_000)) and torch.isfinite(samples).all()
+    # Gumbel-max: the argmax of logits + Gumbel noise is a draw from softmax(logits)
+    torch.testing.assert_close(samples.mean(0), logits[0].exp(), atol=5e-3, rtol=0)
+    soft = gumbel_softmax(logits[:8], 0.5)
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))

@@ -42,7 +42,7 @@ from .codebook_losses import distance_cross_entropy, distance_std
 from .quantization import CodebookQuantizer, register_quantizer
 from .sinkhorn import VALID_NORMALIZATIONS, sinkhorn_plan
 
-__all__ = ["OTVAEQuantizer", "equipartition_targets"]
+__all__ = ["OTVAEQuantizer", "equipartition_targets", "gumbel_softmax"]
 
 
 def equipartition_targets(features: torch.Tensor, codebook: torch.Tensor, epsilon: float = 10.0, num_iters: int = 5,
@@ -61,6 +61,19 @@ def equipartition_targets(features: torch.Tensor, codebook: torch.Tensor, epsilo
             initialized (`None`: this process's rows alone).
     """
     return sinkhorn_plan(features, codebook, epsilon, num_iters, normalization, process_group=process_group)
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = False) -> torch.Tensor:
+    """`softmax((logits + g) / temperature)` over the last axis with `g` standard Gumbel noise, as
+    `torch.nn.functional.gumbel_softmax`; `hard=True` returns the one-hot of its argmax with the soft sample's
+    gradient (straight-through). The noise is `-log(-log(u))` of uniform `u`: on CPU about 5x faster per entry than
+    the `exponential_` draw of torch's version, which dominated OT-VAE's training step."""
+    gumbels = torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_().neg_()
+    soft = torch.softmax((logits + gumbels) / temperature, dim=-1)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft
 
 
 @register_quantizer("otvae")
@@ -176,7 +189,7 @@ class OTVAEQuantizer(CodebookQuantizer):
             scale = self.distance_scale(flat, codebook, distances)
             logits = distances * -scale
             loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
-            weights = nn.functional.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=self.gumbel_hard)
+            weights = gumbel_softmax(logits, self.gumbel_temperature, self.gumbel_hard)
             return weights @ codebook, loss, weights.detach().argmax(dim=1)
         # Block by block with its own backward: no (N, K) logits or softmax kept for backward.
         scale = self.distance_scale(flat, codebook)
