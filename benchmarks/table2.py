@@ -338,7 +338,8 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
             "(`*-mnist` presets: the Table 4 CNN, 1024 codes, `embed_dim` 8; OptVQ with 4 heads, VQ with 1) with "
             "the recipe of [docs/training.md, \"Reproducing Table 2\"](training.md#reproducing-table-2), the same "
             "command for both, then scores each on all 10,000 MNIST test digits with `examples/run_eval.py` (mean "
-            "per-image PSNR over [0, 1] pixels, reconstructions clamped, nearest-neighbour tokens). Command:",
+            "per-image PSNR over [0, 1] pixels in the `rgb` score convention, which on grayscale MNIST equals the "
+            "paper's Y-channel one; reconstructions clamped, nearest-neighbour tokens). Command:",
         ]
     else:
         lines += [
@@ -346,7 +347,8 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
             "Table 4 CNN, 1024 codes, `embed_dim` 8; OptVQ and OT-VAE with 4 heads, VQ with 1 as in the original "
             "configs) with `examples/run_train.py` and the same budget and recipe (run_train's defaults: L1 + L2 + "
             "quantization loss, AdamW, OneCycle), then scores each on the MNIST test split with "
-            "`examples/run_eval.py` (mean per-image PSNR over [0, 1] pixels, nearest-neighbour tokens).",
+            "`examples/run_eval.py` (mean per-image PSNR over [0, 1] pixels in the `rgb` score convention, which on "
+            "grayscale MNIST equals the paper's Y-channel one; nearest-neighbour tokens).",
             "",
             f"Budget `{args.budget}`: batch {settings['train_batch_size']}, {settings['num_train_epochs']} epochs of "
             f"{settings['max_train_samples'] or 60000} training digits, "
