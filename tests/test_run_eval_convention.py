@@ -6,7 +6,7 @@ import io
 import json
 import os
 
-import numpy as np
+import datasets
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -14,26 +14,13 @@ from PIL import Image
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
 from test_metric_conventions import reference_paper_psnr, reference_paper_ssim
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from training_helpers import ROOT, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def rgb_setup(tmp_path_factory):
-    import datasets
-
     root = tmp_path_factory.mktemp("run_eval_rgb")
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(6):
-        array = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(array, mode="RGB").save(buffer, format="PNG")
-        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}})
-    data_dir = root / "rgb"
-    data_dir.mkdir()
-    features = datasets.Features({"image": datasets.Image()})
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(data_dir / "test-00000-of-00001.parquet"))
+    data_dir = write_tiny_dataset(str(root / "rgb"), num_train=1, num_test=6, corrupt=0, size=(32, 32), mode="RGB")
     torch.manual_seed(0)
     config = OptVQConfig.from_preset("optvq-cifar10", codebook_size=64, base_channels=8, latent_channels=8)
     model = OptVQModel(config).eval()
@@ -44,8 +31,10 @@ def rgb_setup(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("run_eval", os.path.join(ROOT, "examples", "run_eval.py"))
     run_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_eval)
-    images = [Image.open(io.BytesIO(row["image"]["bytes"])) for row in rows]
-    return run_eval, str(model_dir), str(data_dir), model, processor, images
+    images = [Image.open(io.BytesIO(record["bytes"])).convert("RGB") for record in
+              datasets.Dataset.from_parquet(os.path.join(data_dir, "test-00000-of-00001.parquet"))
+              .cast_column("image", datasets.Image(decode=False))["image"]]
+    return run_eval, str(model_dir), data_dir, model, processor, images
 
 
 def test_paper_convention_scores_the_y_channel_and_says_so(rgb_setup, tmp_path):
