@@ -802,6 +802,13 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
 
 def end_training(accelerator):
     """Close the trackers and, with several processes, the process group (a live gloo group can hang at exit)."""
+    if accelerator.num_processes > 1:
+        # ProcessGroupGloo's destructor (run when its last reference goes, e.g. the DDP model's when train returns)
+        # joins gloo's worker threads while holding the GIL; a worker still releasing the tensors of a finished
+        # collective needs the GIL for that, and the two deadlock (a rank of a 2-process MNIST run hung so after
+        # training, under load). Synchronize, then let the workers go idle (sleeping releases the GIL) first.
+        accelerator.wait_for_everyone()
+        time.sleep(0.5)
     accelerator.end_training()  # also destroys the process group in recent Accelerate versions
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

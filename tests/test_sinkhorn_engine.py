@@ -235,6 +235,27 @@ def test_nearest_is_chunked_and_exact():
     assert torch.equal(euclidean_argmin(*small_d), torch.cdist(*(t.double() for t in small_d)).argmin(1))
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_row_extremes_are_torchs_first_extremes(largest):
+    # The engine's argmax / argmin of a block (numpy's SIMD kernels on CPU) returns torch's ids: the first extreme
+    # entry of every row, ties (integer-valued blocks), infinities and NaN included; other layouts fall back to torch.
+    from optvq_hf.sinkhorn import _first_extreme_per_row
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.rand(300, 257, generator=generator), torch.randint(0, 3, (300, 64), generator=generator).float()]
+    special = torch.randn(6, 5, generator=generator)
+    special[0, 1] = special[0, 3] = float("nan")
+    special[1, :2] = float("inf")
+    special[2, 2:4] = -float("inf")
+    special[3] = float("inf")
+    blocks += [special, torch.rand(40, 30, generator=generator).t(), torch.rand(50, 20, generator=generator).double()]
+    for block in blocks:
+        out = torch.empty(block.shape[0], dtype=torch.long)
+        expected = torch.argmax(block, dim=1) if largest else torch.argmin(block, dim=1)
+        assert _first_extreme_per_row(block, out, largest=largest) is out
+        assert torch.equal(out, expected)
+
+
 def test_plan_carries_no_gradient_and_backward_only_touches_chosen_codes():
     quantizer = OptVQQuantizer(dim=8, codebook_size=64, num_heads=2, use_projection=False).train()
     features = torch.randn(4, 8, 6, 6, requires_grad=True)
