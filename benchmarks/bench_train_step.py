@@ -5,6 +5,7 @@ process and their steps (forward, L1 reconstruction + quantization loss, backwar
 noise hits both alike; the medians and their ratio are printed.
 
     python benchmarks/bench_train_step.py --repeats 15
+    python benchmarks/bench_train_step.py --members optvq,otvae   # OT-VAE's step against OptVQ's
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train_step.py   # as examples/run_train.py runs
 """
 
@@ -29,14 +30,19 @@ def main():
     parser.add_argument("--preset", default="optvq-mnist")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--members", default="optvq,vq",
+                        help="Comma-separated: optvq (the preset), vq (its baseline: one head) and otvae (the preset's "
+                             "network with quantizer_type='otvae').")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    models = {
-        "optvq": OptVQModel(OptVQConfig.from_preset(args.preset)).train(),
-        "vq": OptVQModel(OptVQConfig.from_preset(args.preset, quantizer_type="vq", num_heads=1)).train(),
+    builders = {
+        "optvq": lambda: OptVQConfig.from_preset(args.preset),
+        "vq": lambda: OptVQConfig.from_preset(args.preset, quantizer_type="vq", num_heads=1),
+        "otvae": lambda: OptVQConfig.from_preset(args.preset, quantizer_type="otvae"),
     }
-    config = models["optvq"].config
+    models = {name: OptVQModel(builders[name]()).train() for name in args.members.split(",")}
+    config = next(iter(models.values())).config
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     pixels = torch.rand(args.batch_size, config.in_channels, config.resolution, config.resolution) * 2 - 1
 
@@ -56,12 +62,12 @@ def main():
             step(name)
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
+    first = next(iter(median))
     print(
         f"{args.preset}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}: OptVQ {median['optvq']:.3f} s/step, "
-        f"VQ {median['vq']:.3f} s/step, ratio {median['optvq'] / median['vq']:.2f}x"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}: "
+        + ", ".join(f"{name} {value:.3f} s/step ({value / median[first]:.2f}x {first})" for name, value in median.items())
     )
-
 
 if __name__ == "__main__":
     main()

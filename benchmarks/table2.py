@@ -65,6 +65,11 @@ BUDGETS = {
                  num_processes=1, recipe=[]),
 }
 PAPER = {"optvq": (34.28, 1.0), "vq": (9.02, 0.002)}
+# The original code at (about) the short budget, same recipe (run_train's defaults are the original's), batch 128,
+# nearest-neighbour tokens on 2,000 test digits: ../shared/reference/original-optvq.md.
+ORIGINAL_CODE = {"short": {"optvq": "12.2 / 61 % (150 steps)",
+                           "vq": "one code (0.1 %) at 150 steps; 12.5 dB at 600",
+                           "otvae": "n/a (not in the release)"}}
 SECTION_TITLES = {
     "short": "## Table 2 reproduction (MNIST: OptVQ vs VQ-VAE vs OT-VAE)",
     "paper": "## Table 2 at the paper's quality in an hour (`--budget paper`)",
@@ -282,9 +287,12 @@ def plot_curves(curves: dict, path: str, target: float | None = None):
     plt.close(fig)
 
 
-def render_table(results: dict) -> str:
+def render_table(results: dict, budget: str | None = None) -> str:
+    original = ORIGINAL_CODE.get(budget)
     lines = ["| quantizer | test PSNR (dB) | SSIM | code usage | perplexity | dead codes | steps | train time | "
-             "command wall time | paper PSNR / usage |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "command wall time | paper PSNR / usage |" + (" original code, same recipe: PSNR / usage |" if original
+                                                           else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if original else "")]
     for name, r in results.items():
         paper = PAPER.get(name)
         paper_text = f"{paper[0]:.2f} / {100 * paper[1]:.2f} %" if paper else "n/a"
@@ -292,7 +300,8 @@ def render_table(results: dict) -> str:
             f"| {QUANTIZERS[name][1]} (`{QUANTIZERS[name][0]}`) | {r['psnr']:.2f} | {r['ssim']:.3f} | "
             f"{100 * r['codebook_usage']:.1f} % | {r['perplexity']:.1f} | {r['dead_codes']} | {r['global_step']} | "
             f"{r['train_time_s']:.0f} s ({r['seconds_per_step']:.3f} s/step) | "
-            f"{r.get('train_wall_s', float('nan')) / 60:.1f} min | {paper_text} |")
+            f"{r.get('train_wall_s', float('nan')) / 60:.1f} min | {paper_text} |"
+            + (f" {original.get(name, 'n/a')} |" if original else ""))
     return "\n".join(lines)
 
 
@@ -332,7 +341,8 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
             "(`*-mnist` presets: the Table 4 CNN, 1024 codes, `embed_dim` 8; OptVQ with 4 heads, VQ with 1) with "
             "the recipe of [docs/training.md, \"Reproducing Table 2\"](training.md#reproducing-table-2), the same "
             "command for both, then scores each on all 10,000 MNIST test digits with `examples/run_eval.py` (mean "
-            "per-image PSNR over [0, 1] pixels, reconstructions clamped, nearest-neighbour tokens). Command:",
+            "per-image PSNR over [0, 1] pixels in the `rgb` score convention, which on grayscale MNIST equals the "
+            "paper's Y-channel one; reconstructions clamped, nearest-neighbour tokens). Command:",
         ]
     else:
         lines += [
@@ -340,7 +350,8 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
             "Table 4 CNN, 1024 codes, `embed_dim` 8; OptVQ and OT-VAE with 4 heads, VQ with 1 as in the original "
             "configs) with `examples/run_train.py` and the same budget and recipe (run_train's defaults: L1 + L2 + "
             "quantization loss, AdamW, OneCycle), then scores each on the MNIST test split with "
-            "`examples/run_eval.py` (mean per-image PSNR over [0, 1] pixels, nearest-neighbour tokens).",
+            "`examples/run_eval.py` (mean per-image PSNR over [0, 1] pixels in the `rgb` score convention, which on "
+            "grayscale MNIST equals the paper's Y-channel one; nearest-neighbour tokens).",
             "",
             f"Budget `{args.budget}`: batch {settings['train_batch_size']}, {settings['num_train_epochs']} epochs of "
             f"{settings['max_train_samples'] or 60000} training digits, "
@@ -431,7 +442,7 @@ def main(argv=None) -> dict:
         curves[name] = curve
         print(f"{name}: PSNR {results[name]['psnr']:.2f} dB, usage {100 * results[name]['codebook_usage']:.1f} %",
               flush=True)
-    table = render_table(results)
+    table = render_table(results, args.budget)
     plot_path = os.path.join(args.output_dir, "table2_curves.png")
     plot_curves(curves, plot_path, target=PAPER["optvq"][0] if args.budget == "paper" else None)
     with open(os.path.join(args.output_dir, "table2.json"), "w") as handle:

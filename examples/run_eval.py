@@ -9,7 +9,7 @@ file or stream) and preprocessed by the model's processor; unreadable images are
 `optvq_hf.metrics`' (the evaluate modules, the same definitions as training's evaluation).
 
 Writes `DIR/results.json` (`psnr`, `ssim`, `lpips`, `rfid`, `codebook_usage` as a fraction, `perplexity`,
-`dead_codes`, `num_samples`, `skipped_images`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
+`dead_codes`, `num_samples`, `skipped_images`, `metric_convention`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
 (originals above reconstructions), and, when `--model` is a local folder, updates its model card (`README.md`):
 the `model-index` metadata gets the numbers.
 
@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "it); needed for lpips.")
     parser.add_argument("--fid_model", default=None,
                         help="Feature network folder or Hub id for rFID (our Inception-v3 or a transformers model).")
+    parser.add_argument("--metric_convention", choices=("rgb", "paper"), default="rgb",
+                        help="How PSNR and SSIM are scored: 'rgb' (every channel) or 'paper' (the OptVQ paper's "
+                             "tables: Y channel of BT.601, as pyiqa; see docs/evaluation.md). Stored in results.json "
+                             "and the model card.")
     parser.add_argument("--inference_assignment", choices=("config", "nearest", "sinkhorn"), default="config",
                         help="Token assignment at evaluation; 'config' keeps the model's setting.")
     parser.add_argument("--compare_assignments", action="store_true",
@@ -98,22 +102,23 @@ def update_model_card(model_dir: str, model, results: dict, dataset_name: str, s
     """Put the numbers into the `model-index` of `model_dir/README.md` (creating the card if missing)."""
     from huggingface_hub import EvalResult, ModelCard
 
-    from optvq_hf.model_card import build_model_card
+    from optvq_hf.model_card import CONVENTION_METRICS, build_model_card, convention_note
 
     card_metrics = {key: results[key] for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity")
                     if key in results}
+    convention = results.get("metric_convention", "rgb")
     dataset_label = os.path.basename(os.path.normpath(dataset_name)) if os.path.exists(dataset_name) else dataset_name
     readme = os.path.join(model_dir, "README.md")
     if not os.path.isfile(readme):
         card = build_model_card(model.config, num_parameters=model.num_parameters(), eval_results=card_metrics,
-                                dataset_name=dataset_label)
+                                dataset_name=dataset_label, score_convention=convention)
         card.save(readme)
         return readme
     card = ModelCard.load(readme)
     new_results = [
         EvalResult(task_type="image-to-image", task_name="Image reconstruction", dataset_type=dataset_label,
                    dataset_name=dataset_label, dataset_split=split, metric_type=name, metric_name=name,
-                   metric_value=float(value))
+                   metric_value=float(value), metric_config=convention if name in CONVENTION_METRICS else None)
         for name, value in card_metrics.items()
     ]
     kept = [r for r in (card.data.eval_results or [])
@@ -125,7 +130,8 @@ def update_model_card(model_dir: str, model, results: dict, dataset_name: str, s
     # Refresh the human-readable results section too.
     rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in card_metrics.items())
     section = (f"## Evaluation\n\nOn `{dataset_label}` ({split} split, {results['num_samples']} images), measured "
-               f"with `examples/run_eval.py`:\n\n| metric | value |\n|---|---|\n{rows}\n\n")
+               f"with `examples/run_eval.py`:\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+               + convention_note(card_metrics, convention))
     text = card.text
     start = text.find("## Evaluation\n")
     if start >= 0:
@@ -187,10 +193,11 @@ def main(args=None) -> dict:
     common = dict(num_process=world_size, process_id=rank, experiment_id=experiment_id,
                   keep_in_memory=world_size == 1)
     metrics = {}
+    scored = dict(common, convention=args.metric_convention)  # PSNR and SSIM
     if "psnr" in args.metric_list:
-        metrics["psnr"] = optvq_metrics.load("psnr", **common)
+        metrics["psnr"] = optvq_metrics.load("psnr", **scored)
     if "ssim" in args.metric_list:
-        metrics["ssim"] = optvq_metrics.load("ssim", **common)
+        metrics["ssim"] = optvq_metrics.load("ssim", **scored)
     if "lpips" in args.metric_list:
         metrics["lpips"] = optvq_metrics.load("lpips", network=args.lpips_model, device=device, **common)
     if "rfid" in args.metric_list:
@@ -202,8 +209,8 @@ def main(args=None) -> dict:
         logger.warning("--compare_assignments needs a Sinkhorn inference assignment; skipped for %r.",
                        config.quantizer_type)
     if compare:
-        metrics["psnr_nearest"] = optvq_metrics.load("psnr", **{**common, "experiment_id": experiment_id + "n"})
-        metrics["psnr_sinkhorn"] = optvq_metrics.load("psnr", **{**common, "experiment_id": experiment_id + "s"})
+        metrics["psnr_nearest"] = optvq_metrics.load("psnr", **{**scored, "experiment_id": experiment_id + "n"})
+        metrics["psnr_sinkhorn"] = optvq_metrics.load("psnr", **{**scored, "experiment_id": experiment_id + "s"})
         agreement = torch.zeros(2, dtype=torch.float64)  # (equal tokens, tokens)
 
     side_originals, side_reconstructions = [], []
@@ -260,7 +267,8 @@ def main(args=None) -> dict:
     if rank != 0:
         return {}
 
-    results: dict = {"num_samples": num_images, "skipped_images": num_skipped}
+    results: dict = {"num_samples": num_images, "skipped_images": num_skipped,
+                     "metric_convention": args.metric_convention}
     for name in ("psnr", "ssim", "lpips", "rfid"):
         if name in computed:
             results[name] = computed[name][name]

@@ -143,3 +143,13 @@ def reference_decode(sd, quantized, num_levels):
         if f"model.decoder.up.{level}.upsample.conv.weight" in sd:
             x = _conv(sd, f"model.decoder.up.{level}.upsample.conv", F.interpolate(x, scale_factor=2.0, mode="nearest"))
     return _conv(sd, "model.decoder.conv_out", _swish(_norm(sd, "model.decoder.norm_out", x)))
+
+
+def reference_quantization_loss(rows, codebook, ids, loss_q_type, beta):
+    """The original code's quantization loss of rows `(N, d)` assigned to `ids` (float64, differentiable in both):
+    "l2" / "l1": `mean(f(z - sg(c))) + beta * mean(f(c - sg(z)))`; "ce": `cross_entropy(-cdist(z, codebook), ids)`."""
+    chosen = codebook[ids]
+    if loss_q_type == "ce":
+        return F.cross_entropy(-torch.cdist(rows, codebook), ids)
+    form = (lambda x: x.pow(2)) if loss_q_type == "l2" else (lambda x: x.abs())
+    return form(rows - chosen.detach()).mean() + beta * form(chosen - rows.detach()).mean()

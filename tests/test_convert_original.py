@@ -10,7 +10,13 @@ from safetensors.torch import save_file
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
 from optvq_hf.convert_original import main as convert_main
-from reference_optvq import reference_codebook, reference_decode, reference_encode_features, reference_quantize
+from reference_optvq import (
+    reference_codebook,
+    reference_decode,
+    reference_encode_features,
+    reference_quantization_loss,
+    reference_quantize,
+)
 
 TAMING = {"double_z": False, "z_channels": 32, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
           "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
@@ -209,6 +215,49 @@ def test_basevq_original_is_plain_vq(tmp_path):
     features = reference_encode_features(state, pixels, 2)
     _, ref_tokens = reference_quantize(features, reference_codebook(state), 1, "nearest")
     assert torch.equal(tokens, ref_tokens)
+
+
+def _drop_quantize_keys(path, *keys):
+    config = json.loads((path / "config.json").read_text())
+    for key in keys:
+        del config["quantize"][key]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_basevq_original_without_loss_q_type_trains_with_the_originals_ce_loss(tmp_path):
+    # The original's plain-VQ configs leave loss_q_type (and may leave beta) to the class defaults: "ce", 1.0.
+    state = write_original_folder(tmp_path / "vq", num_head=1, quantize_type="basevq")
+    _drop_quantize_keys(tmp_path / "vq", "loss_q_type", "beta")
+    model = OptVQModel.from_pretrained(tmp_path / "vq").train()
+    assert (model.config.quantization_loss, model.config.beta) == ("ce", 1.0)
+    pixels = _pixels(2)
+    out = model(pixels)
+    grad_table = torch.autograd.grad(out.quantization_loss, model.quantizer.embedding.weight)[0]
+
+    table = state["model.quantize.embedding.weight"].double().requires_grad_()
+    reference_state = {**state, "model.quantize.embedding.weight": table}
+    features = reference_encode_features(state, pixels, 2)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    codebook = reference_codebook(reference_state)
+    ids = torch.cdist(rows, codebook.detach()).argmin(dim=1)
+    reference = reference_quantization_loss(rows, codebook, ids, "ce", beta=1.0)
+    reference_grad = torch.autograd.grad(reference, table)[0]
+    torch.testing.assert_close(out.quantization_loss.double(), reference.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_table.double(), reference_grad, rtol=1e-3, atol=1e-4 * float(reference_grad.abs().max()))
+
+
+@pytest.mark.parametrize("loss_q_type", ["l1", "l2", "ce"])
+def test_loss_q_type_is_mapped(tmp_path, loss_q_type):
+    write_original_folder(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantize"]["loss_q_type"] = loss_q_type
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model = OptVQModel.from_pretrained(tmp_path / "m")
+    assert model.config.quantization_loss == model.quantizer.quantization_loss == loss_q_type
+    config["quantize"]["loss_q_type"] = "huber"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="loss_q_type"):
+        OptVQModel.from_pretrained(tmp_path / "m")
 
 
 def test_weights_that_do_not_fit_raise(tmp_path):

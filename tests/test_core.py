@@ -29,7 +29,8 @@ NON_DEFAULT = dict(
     architecture="simple_cnn", in_channels=1, out_channels=2, base_channels=8, channel_multipliers=[1, 2, 2],
     num_res_blocks=1, attn_resolutions=[4], resolution=16, latent_channels=12, dropout=0.1, norm_num_groups=4,
     norm_eps=1e-5, use_quant_conv=False, embed_dim=12, codebook_size=48, num_heads=3, use_codebook_projection=False,
-    epsilon=3.0, num_iters=4, normalization="dim", commitment_weight=0.5, beta=0.1, inference_assignment="sinkhorn",
+    epsilon=3.0, num_iters=4, normalization="dim", commitment_weight=0.5, beta=0.1, quantization_loss="l1",
+    inference_assignment="sinkhorn",
     gumbel_temperature=0.5, gumbel_hard=True, initializer_range=0.05,
 )
 

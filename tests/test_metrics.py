@@ -371,7 +371,7 @@ def test_evaluation_docs_snippets_run(tmp_path, monkeypatch):
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
     for block in blocks:

@@ -97,8 +97,11 @@ def test_loss_is_cross_entropy_to_the_targets_and_trains_codes_without_stop_grad
     flat = features.detach().permute(0, 2, 3, 1).reshape(-1, 4)
     codebook = quantizer.codebook.detach()
     targets = equipartition_targets(flat, codebook, 5.0, 3, "all")
-    log_p = torch.log_softmax(-torch.cdist(flat, codebook) ** 2, dim=1)
-    torch.testing.assert_close(out.loss, -(targets * log_p).sum(1).mean(), rtol=1e-4, atol=1e-5)
+    # p(k | z): the plan's own kernel before its marginals, softmax(-epsilon * D / std(D)) ("all" normalization
+    # subtracts constants, which a row softmax ignores).
+    distances = torch.cdist(flat.double(), codebook.double())
+    log_p = torch.log_softmax(-5.0 * distances / distances.std(), dim=1)
+    torch.testing.assert_close(out.loss.double(), -(targets.double() * log_p).sum(1).mean(), rtol=1e-4, atol=1e-5)
     # The loss alone moves both the encoder features and the codes.
     grads = torch.autograd.grad(out.loss, [features, quantizer.embedding.weight], retain_graph=True)
     assert all(g.abs().sum() > 0 for g in grads)
@@ -172,3 +175,41 @@ def test_targets_cover_the_global_batch_across_two_processes(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     error = float(next(l for l in completed.stdout.splitlines() if l.startswith("MAXERR")).split()[1])
     assert error < 1e-5
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_probabilities_are_the_plans_own_kernel(normalization):
+    # With no Sinkhorn round the plan is its kernel exp(-epsilon * cost), rows normalized: the quantizer's p(k | z)
+    # must be exactly that, so that the targets are p with the equipartition constraint imposed (same scale).
+    quantizer = _quantizer(epsilon=7.0, normalization=normalization).train()
+    flat, codebook = torch.randn(64, 4), quantizer.codebook.detach()
+    kernel = equipartition_targets(flat, codebook, 7.0, 0, normalization)
+    probabilities = torch.softmax(quantizer.logits(flat, codebook), dim=1)
+    torch.testing.assert_close(probabilities, kernel, rtol=1e-4, atol=1e-6)
+    assert torch.equal(probabilities.argmax(1), torch.cdist(flat, codebook).argmin(1))  # inference: nearest code
+
+
+def test_loss_keeps_no_rows_by_codes_matrix_for_backward():
+    quantizer = _quantizer().eval()  # eval: the loss alone (training adds the Gumbel decoding's soft sample)
+    features = torch.randn(32, 8, 4, 4, requires_grad=True)  # 1,024 rows x 32 codes
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = quantizer(features)
+    num_rows = 32 * 4 * 4 * 2
+    # the soft targets are the one plan-sized tensor (an input, without gradient); nothing else of size N x K
+    assert sorted(saved, reverse=True)[1] < num_rows * 32
+    out.loss.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+
+
+def test_gumbel_softmax_samples_the_categorical():
+    from optvq_hf.otvae import gumbel_softmax
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).log_softmax(1).expand(200_000, 4).contiguous()
+    samples = gumbel_softmax(logits, 1.0, hard=True)
+    assert torch.equal(samples.sum(1), torch.ones(200_000)) and torch.isfinite(samples).all()
+    # Gumbel-max: the argmax of logits + Gumbel noise is a draw from softmax(logits)
+    torch.testing.assert_close(samples.mean(0), logits[0].exp(), atol=5e-3, rtol=0)
+    soft = gumbel_softmax(logits[:8], 0.5)
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .codebook_losses import QUANTIZATION_LOSSES
 from .quantization import available_quantizer_types, get_quantizer_class
 
 logger = logging.get_logger(__name__)
@@ -46,6 +47,8 @@ _SMALL_CNN = dict(
     codebook_size=1024,
 )
 
+# Each preset reproduces an original config field for field (docs/quantizer.md, "Presets"). The original's plain-VQ
+# configs leave `loss_q_type` at its class default, "ce"; its OptVQ configs set "l2".
 PRESETS: dict[str, dict[str, Any]] = {
     # The two published ImageNet checkpoints (BorelTHU/optvq-16x16x4 and -16x16x8).
     "optvq-imagenet-16x16x4": dict(_IMAGENET_F16, num_heads=4),
@@ -55,12 +58,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         _IMAGENET_F16, channel_multipliers=[1, 1, 2, 2, 4, 4], attn_resolutions=[8], num_heads=8
     ),
     # The plain-VQ ImageNet baseline of the original release.
-    "vq-imagenet-16x16x4": dict(_IMAGENET_F16, num_heads=4, quantizer_type="vq"),
+    "vq-imagenet-16x16x4": dict(_IMAGENET_F16, num_heads=4, quantizer_type="vq", quantization_loss="ce"),
     # The paper's Table 4 CNN (f = 4) for MNIST and CIFAR-10 at 32x32.
     "optvq-mnist": dict(_SMALL_CNN, num_heads=4, quantizer_type="optvq"),
-    "vq-mnist": dict(_SMALL_CNN, num_heads=1, quantizer_type="vq"),
+    "vq-mnist": dict(_SMALL_CNN, num_heads=1, quantizer_type="vq", quantization_loss="ce"),
     "optvq-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=4, quantizer_type="optvq"),
-    "vq-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=1, quantizer_type="vq"),
+    "vq-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=1, quantizer_type="vq",
+                       quantization_loss="ce"),
     # OT-VAE (equipartition OT targets + Gumbel-softmax decoding) on the same network, for ablations.
     "otvae-mnist": dict(_SMALL_CNN, num_heads=4, quantizer_type="otvae"),
     "otvae-cifar10": dict(_SMALL_CNN, in_channels=3, out_channels=3, num_heads=4, quantizer_type="otvae"),
@@ -131,6 +135,12 @@ class OptVQConfig(PretrainedConfig):
         beta (`float`, *optional*, defaults to 0.25):
             Weight of `mean((c - sg(z))^2)`, the term that moves codes. These are the original code's weights; the
             paper's Eq. (4) writes `beta` on the other term.
+        quantization_loss (`str`, *optional*, defaults to `"l2"`):
+            The form of the quantization loss, as the original code's `loss_q_type`: `"l2"` (the two weighted terms
+            above), `"l1"` (the same with absolute values) or `"ce"` (`cross_entropy(-D, ids)`: `D` the Euclidean
+            distances of each row to every code, `ids` the assigned codes; `commitment_weight` and `beta` do not
+            apply). The original's OptVQ configs use `"l2"`, its plain-VQ configs `"ce"` (the `vq-*` presets).
+            `"otvae"` has a loss of its own and ignores it.
         inference_assignment (`str`, *optional*, defaults to `"nearest"`):
             How tokens are chosen in eval mode: `"nearest"` (batch-independent, deterministic) or `"sinkhorn"` (the
             original code's behaviour: an image's tokens depend on the rest of its batch). Training always uses the
@@ -170,6 +180,7 @@ class OptVQConfig(PretrainedConfig):
         normalization: str = "all",
         commitment_weight: float = 1.0,
         beta: float = 0.25,
+        quantization_loss: str = "l2",
         inference_assignment: str = "nearest",
         gumbel_temperature: float = 1.0,
         gumbel_hard: bool = False,
@@ -199,6 +210,7 @@ class OptVQConfig(PretrainedConfig):
         self.normalization = normalization
         self.commitment_weight = commitment_weight
         self.beta = beta
+        self.quantization_loss = quantization_loss
         self.inference_assignment = inference_assignment
         self.gumbel_temperature = gumbel_temperature
         self.gumbel_hard = gumbel_hard
@@ -214,6 +226,10 @@ class OptVQConfig(PretrainedConfig):
         if self.inference_assignment not in INFERENCE_ASSIGNMENTS:
             raise ValueError(
                 f"`inference_assignment` must be one of {INFERENCE_ASSIGNMENTS}, got {self.inference_assignment!r}."
+            )
+        if self.quantization_loss not in QUANTIZATION_LOSSES:
+            raise ValueError(
+                f"`quantization_loss` must be one of {QUANTIZATION_LOSSES}, got {self.quantization_loss!r}."
             )
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {self.normalization!r}.")

@@ -19,12 +19,16 @@ from typing import Any
 import torch
 from transformers.utils import cached_file, logging
 
+from .codebook_losses import QUANTIZATION_LOSSES
 from .configuration_optvq import OPTVQ_CONFIG_FIELDS, OptVQConfig
 from .validation import check_weights_fit, weights_file_errors_named
 
 logger = logging.get_logger(__name__)
 
 ORIGINAL_SECTIONS = ("encoder", "decoder", "quantize")
+#: The original quantizer classes' defaults for the keys a config may leave out (`VectorQuantizer` and
+#: `VectorQuantizerSinkhorn` of the original code).
+ORIGINAL_QUANTIZER_DEFAULTS = {"loss_q_type": "ce", "beta": 1.0, "use_prob": True}
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 _NORMALIZE_MODES = {"all": "all", "dim": "dim", "null": "none", "none": "none", None: "none"}
 _RENAMES = (("quantize.proj.", "quantizer.projection."), ("quantize.embedding.", "quantizer.embedding."))
@@ -106,9 +110,11 @@ def _translate_original_config(original: dict[str, Any], source: str, **override
     quantize_type = original.get("quantize_type", "optvq")
     if quantize_type not in ("optvq", "basevq"):
         raise ValueError(f"Unsupported original quantize_type {quantize_type!r} (expected 'optvq' or 'basevq').")
-    if quantize.get("loss_q_type", "l2") != "l2":
-        logger.warning("Original loss_q_type=%r: only the 'l2' quantization loss is implemented.", quantize["loss_q_type"])
-    if quantize.get("use_prob", False):
+    # The original quantizer classes default to loss_q_type="ce"; its plain-VQ configs rely on that default.
+    quantization_loss = quantize.get("loss_q_type", ORIGINAL_QUANTIZER_DEFAULTS["loss_q_type"])
+    if quantization_loss not in QUANTIZATION_LOSSES:
+        raise ValueError(f"Unsupported original loss_q_type {quantization_loss!r} (expected one of {QUANTIZATION_LOSSES}).")
+    if quantize_type == "optvq" and quantize.get("use_prob", ORIGINAL_QUANTIZER_DEFAULTS["use_prob"]):
         logger.warning("Original use_prob=True sampled tokens from the plan; tokens are taken by argmax here.")
     if quantize.get("use_norm", False):
         raise ValueError("Original configs with `use_norm=True` are not supported (the original code refuses them too).")
@@ -137,7 +143,8 @@ def _translate_original_config(original: dict[str, Any], source: str, **override
         num_iters=int(quantize.get("n_iters", 5)),
         normalization=_NORMALIZE_MODES[normalize_mode],
         commitment_weight=1.0,
-        beta=float(quantize.get("beta", 0.25)),
+        beta=float(quantize.get("beta", ORIGINAL_QUANTIZER_DEFAULTS["beta"])),
+        quantization_loss=quantization_loss,
     )
     values.update(overrides)
     return OptVQConfig(**values)

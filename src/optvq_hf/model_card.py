@@ -6,6 +6,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .metrics.functional import describe_convention
 from .quantization import get_quantizer_class
 
 PAPER_URL = "https://arxiv.org/abs/2412.15195"
@@ -71,6 +72,17 @@ images_out = processor.postprocess(reconstruction, output_type="pil")
 """
 
 
+#: The metrics whose value depends on the score convention.
+CONVENTION_METRICS = ("psnr", "ssim")
+
+
+def convention_note(results, score_convention: str) -> str:
+    """The card's sentence on how PSNR / SSIM were scored (empty when `results` has neither)."""
+    if not any(name in results for name in CONVENTION_METRICS):
+        return ""
+    return f"PSNR and SSIM (`{score_convention}` convention): {describe_convention(score_convention)}.\n\n"
+
+
 def build_model_card(
     config,
     repo_id: str | None = None,
@@ -81,6 +93,7 @@ def build_model_card(
     dataset_name: str | None = None,
     license: str = "mit",
     tags: list[str] | None = None,
+    score_convention: str = "rgb",
 ) -> ModelCard:
     """A full model card for an OptVQ model: description, architecture, codebook, usage, license, paper.
 
@@ -95,6 +108,8 @@ def build_model_card(
         dataset_name (`str`, *optional*): the dataset the results (and training) refer to.
         license (`str`, defaults to `"mit"`): license id of the weights (the original release is MIT).
         tags (`list[str]`, *optional*): extra tags.
+        score_convention (`str`, defaults to `"rgb"`): how the PSNR / SSIM in `eval_results` were scored (`"rgb"`
+            or `"paper"`, see `optvq_hf.metrics.functional`); stated in the card and as the results' `metric_config`.
     """
     repo_id = repo_id or "path/to/optvq-model"
     factor = config.downsample_factor
@@ -129,6 +144,7 @@ def build_model_card(
                 metric_type=name,
                 metric_name=name,
                 metric_value=float(value),
+                metric_config=score_convention if name in CONVENTION_METRICS else None,
             )
             for name, value in eval_results.items()
         ]
@@ -136,7 +152,8 @@ def build_model_card(
     results_text = ""
     if eval_results:
         rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in eval_results.items())
-        results_text = f"## Results\n\nOn {dataset_name or 'the evaluation set'}:\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        results_text = (f"## Results\n\nOn {dataset_name or 'the evaluation set'}:\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+                        + convention_note(eval_results, score_convention))
     content = _TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=repo_id.split("/")[-1],

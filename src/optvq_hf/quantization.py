@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .codebook_losses import QUANTIZATION_LOSSES, absolute_error, distance_cross_entropy, squared_error
 from .sinkhorn import (
     DEFAULT_DENSE_LIMIT,
     VALID_NORMALIZATIONS,
@@ -63,7 +64,8 @@ class QuantizerOutput(ModelOutput):
         quantized (`torch.FloatTensor`, same shape as the input):
             Quantized features with straight-through gradients (`z + sg(c - z)`), in the input's dtype.
         loss (`torch.FloatTensor` of shape `()`):
-            `commitment_weight * mean((z - sg(c))^2) + beta * mean((c - sg(z))^2)`, in float32.
+            The quantizer's `quantization_loss` in float32: by default (`"l2"`)
+            `commitment_weight * mean((z - sg(c))^2) + beta * mean((c - sg(z))^2)`.
         token_ids (`torch.LongTensor`):
             `(B, num_heads, H, W)` for `(B, C, H, W)` inputs, `(B, T, num_heads)` for `(B, T, C)` inputs.
         perplexity (`torch.FloatTensor` of shape `()`):
@@ -89,11 +91,6 @@ def nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torch.Long
     Computed block by block (never materializes the `N x K` distances); see `optvq_hf.sinkhorn.euclidean_argmin`.
     """
     return euclidean_argmin(features, codebook)
-
-
-def squared_error(features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """The loss form of the original code: `mean((features - codes)^2)`."""
-    return torch.mean((features - codes) ** 2)
 
 
 def _is_compiling() -> bool:
@@ -164,7 +161,8 @@ class CodebookQuantizer(nn.Module):
 
     A member implements [`~CodebookQuantizer.assign`] (the default `quantize_rows` then picks the assigned codes,
     adds the commitment / codebook loss and the straight-through estimator), or overrides `quantize_rows`
-    altogether. The loss form is the pluggable `loss_form(features, codes)` (default [`squared_error`]).
+    altogether. The loss is the original code's `quantization_loss` form (`"l2"`, `"l1"` or `"ce"`, see
+    `optvq_hf.codebook_losses`); the `"l2"` / `"l1"` terms are `loss_form(features, codes)`.
 
     Args:
         dim (`int`): channels of the features to quantize.
@@ -172,9 +170,13 @@ class CodebookQuantizer(nn.Module):
         num_heads (`int`, defaults to 1): heads; `dim` must be divisible by it.
         use_projection (`bool`, defaults to `True`): the codebook in use is `Linear(embedding.weight)`, a shared
             affine transform of the stored table.
-        commitment_weight (`float`, defaults to 1.0): weight of `loss_form(z, sg(c))`.
-        beta (`float`, defaults to 0.25): weight of `loss_form(sg(z), c)` (the original code's convention; the
-            paper's Eq. 4 swaps the two weights).
+        commitment_weight (`float`, defaults to 1.0): weight of `loss_form(z, sg(c))` (`"l2"`, `"l1"`).
+        beta (`float`, defaults to 0.25): weight of `loss_form(sg(z), c)` (`"l2"`, `"l1"`; the original code's
+            convention; the paper's Eq. 4 swaps the two weights).
+        quantization_loss (`str`, defaults to `"l2"`): the loss form, as the original's `loss_q_type`: `"l2"`
+            (`commitment_weight * mean((z - sg(c))^2) + beta * mean((sg(z) - c)^2)`), `"l1"` (the same with
+            absolute values) or `"ce"` (`cross_entropy(-D, ids)` with `D` the Euclidean distances of each row to
+            every code and `ids` the assigned codes; neither weight applies, as in the original).
         sync_across_ranks (`bool`, defaults to `True`): in training, when `torch.distributed` is initialized with
             more than one rank, members whose assignment looks at the whole batch (OptVQ, OT-VAE) cover the global
             batch, all-reducing over `process_group` (the default group unless set). Every rank must then run the
@@ -190,16 +192,21 @@ class CodebookQuantizer(nn.Module):
     #: Assignments in train and eval mode (instances may override; see `assignment`).
     training_assignment: str = "nearest"
     inference_assignment: str = "nearest"
-    #: The loss form `f(features, codes) -> scalar` of the commitment and codebook terms.
+    #: The `"l2"` loss form `f(features, codes) -> scalar` of the commitment and codebook terms (`"l1"` uses
+    #: [`absolute_error`]).
     loss_form = staticmethod(squared_error)
 
     def __init__(self, dim: int, codebook_size: int, num_heads: int = 1, use_projection: bool = True,
-                 commitment_weight: float = 1.0, beta: float = 0.25, sync_across_ranks: bool = True):
+                 commitment_weight: float = 1.0, beta: float = 0.25, sync_across_ranks: bool = True,
+                 quantization_loss: str = "l2"):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
         if codebook_size < 1:
             raise ValueError(f"`codebook_size` must be >= 1, got {codebook_size}.")
+        if quantization_loss not in QUANTIZATION_LOSSES:
+            raise ValueError(f"`quantization_loss` must be one of {QUANTIZATION_LOSSES}, got {quantization_loss!r}.")
+        self.quantization_loss = quantization_loss
         self.dim = dim
         self.codebook_size = codebook_size
         self.num_heads = num_heads
@@ -223,6 +230,7 @@ class CodebookQuantizer(nn.Module):
             use_projection=config.use_codebook_projection,
             commitment_weight=config.commitment_weight,
             beta=config.beta,
+            quantization_loss=config.quantization_loss,
         )
 
     @classmethod
@@ -256,7 +264,8 @@ class CodebookQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, num_heads={self.num_heads}, "
-            f"training_assignment={self.training_assignment!r}, inference_assignment={self.inference_assignment!r}"
+            f"training_assignment={self.training_assignment!r}, inference_assignment={self.inference_assignment!r}, "
+            f"quantization_loss={self.quantization_loss!r}"
         )
 
     @property
@@ -321,15 +330,22 @@ class CodebookQuantizer(nn.Module):
     def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
         """Quantize rows `(N, dim // num_heads)` in float32: returns `(quantized rows, loss, token ids)`.
 
-        The default: `assign`, the chosen codes, the commitment / codebook loss and the straight-through estimator.
+        The default: `assign`, the chosen codes, the `quantization_loss` and the straight-through estimator.
         `forward` handles layouts, heads, dtypes and statistics.
         """
         token_ids = self.assign(flat, codebook)
         chosen = nn.functional.embedding(token_ids, codebook)
-        loss = self.commitment_weight * self.loss_form(flat, chosen.detach()) + self.beta * self.loss_form(
-            flat.detach(), chosen
-        )
-        return flat + (chosen - flat).detach(), loss, token_ids
+        return flat + (chosen - flat).detach(), self.codebook_loss(flat, codebook, token_ids, chosen), token_ids
+
+    def codebook_loss(self, flat: torch.Tensor, codebook: torch.Tensor, token_ids: torch.LongTensor,
+                      chosen: torch.Tensor) -> torch.Tensor:
+        """The `quantization_loss` of rows `flat` assigned to `token_ids` (`chosen` = their codes), in float32."""
+        if self.quantization_loss == "ce":
+            if flat.shape[0] == 0:
+                return flat.sum() * 0.0 + codebook.sum() * 0.0
+            return distance_cross_entropy(flat, codebook, token_ids)
+        form = absolute_error if self.quantization_loss == "l1" else self.loss_form
+        return self.commitment_weight * form(flat, chosen.detach()) + self.beta * form(flat.detach(), chosen)
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def check_input(self, features: torch.Tensor):
@@ -480,9 +496,10 @@ class OptVQQuantizer(CodebookQuantizer, metaclass=_OptVQQuantizerType):
                  epsilon: float = 10.0, num_iters: int = 5, normalization: str = "all", commitment_weight: float = 1.0,
                  beta: float = 0.25, inference_assignment: str = "nearest", training_assignment: str = "sinkhorn",
                  sinkhorn_streaming: bool | str = "auto", sinkhorn_dense_limit: int = DEFAULT_DENSE_LIMIT,
-                 sync_across_ranks: bool = True):
+                 sync_across_ranks: bool = True, quantization_loss: str = "l2"):
         super().__init__(dim, codebook_size, num_heads=num_heads, use_projection=use_projection,
-                         commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks)
+                         commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks,
+                         quantization_loss=quantization_loss)
         if normalization not in VALID_NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
         for name, value in (("inference_assignment", inference_assignment), ("training_assignment", training_assignment)):

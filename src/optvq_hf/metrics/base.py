@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..validation import check_token_ids
-from .functional import code_histogram, codebook_statistics, to_unit_images
+from .functional import check_convention, code_histogram, codebook_statistics, to_unit_images
 
 __all__ = ["PerImageMetric", "NetworkImageMetric", "TokenMetric", "TOKEN_INPUTS_DESCRIPTION", "IMAGE_PAIR_ARGS",
            "NETWORK_INIT_ARGS"]
@@ -53,6 +53,9 @@ class PerImageMetric(evaluate.Metric):
     Args:
         input_range (`tuple[float, float]`, defaults to `(-1.0, 1.0)`): range of float images (the model's outputs
             and `OptVQImageProcessor`'s `pixel_values` are in `[-1, 1]`); `uint8` images are read as `[0, 255]`.
+        convention (`str`, defaults to `"rgb"`): metrics with `supports_convention` (PSNR, SSIM) also score with the
+            OptVQ paper's Y-channel convention, `"paper"` (see [`optvq_hf.metrics.functional`]); the others accept
+            `"rgb"` only.
         kwargs: `evaluate.EvaluationModule` arguments (`num_process`, `process_id`, `experiment_id`,
             `keep_in_memory`, `cache_dir`, ...).
     """
@@ -61,11 +64,16 @@ class PerImageMetric(evaluate.Metric):
     description = ""
     citation = ""
     inputs_description = ""
+    #: Whether the metric scores with `convention="paper"` too.
+    supports_convention = False
 
-    def __init__(self, input_range: tuple[float, float] = (-1.0, 1.0), **kwargs):
+    def __init__(self, input_range: tuple[float, float] = (-1.0, 1.0), convention: str = "rgb", **kwargs):
         if len(tuple(input_range)) != 2 or not float(input_range[1]) > float(input_range[0]):
             raise ValueError(f"`input_range` must be (low, high) with high > low, got {input_range!r}.")
+        if check_convention(convention) != "rgb" and not self.supports_convention:
+            raise ValueError(f"{type(self).__name__} has no score convention other than 'rgb', got {convention!r}.")
         self.input_range = (float(input_range[0]), float(input_range[1]))
+        self.convention = convention
         super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:

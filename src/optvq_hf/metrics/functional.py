@@ -7,6 +7,11 @@ The `evaluate` modules of [`optvq_hf.metrics`] store these per-image values and 
 Image conventions: `(B, C, H, W)` (or `(B, H, W)` for grayscale) float tensors or arrays in `input_range`
 (defaults to the model's `[-1, 1]`), or `uint8` in `[0, 255]`. Values outside the range are clipped, then mapped to
 `[0, 1]`; PSNR and SSIM use a data range of 1.
+
+Score conventions (`convention=`): `"rgb"` (the default) scores every channel as it is; `"paper"` scores as the
+OptVQ paper's tables (the original code's pyiqa metrics): PSNR on the BT.601 YCbCr Y channel
+(`(16 + 65.481 R + 128.553 G + 24.966 B) / 255`), SSIM on the BT.601 luma `0.299 R + 0.587 G + 0.114 B` rounded to
+255 levels, with the contrast-structure term clipped at 0. Single-channel images have no colour conversion.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ __all__ = [
     "per_image_mse",
     "per_image_psnr",
     "per_image_ssim",
+    "rgb_to_y",
+    "CONVENTIONS",
+    "check_convention",
+    "describe_convention",
     "gaussian_kernel_1d",
     "code_histogram",
     "codebook_statistics",
@@ -34,6 +43,52 @@ __all__ = [
 
 # PSNR of a perfect reconstruction is infinite; report this instead so that means stay finite.
 MAX_PSNR = 100.0
+
+#: Score conventions of PSNR and SSIM: `"rgb"` (every channel as it is) or `"paper"` (the OptVQ paper's Y channel).
+CONVENTIONS = ("rgb", "paper")
+
+# BT.601: the studio-swing YCbCr luma (pyiqa's `rgb2ycbcr`, used for the paper's PSNR) and the plain luma (YIQ's Y,
+# pyiqa's default colour space for SSIM).
+_YCBCR_Y = ((65.481, 128.553, 24.966), 16.0 / 255.0, 1 / 255.0)
+_YIQ_Y = ((0.299, 0.587, 0.114), 0.0, 1.0)
+
+
+def check_convention(convention: str) -> str:
+    """Return `convention` or raise a `ValueError` naming the valid ones."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
+    return convention
+
+
+def describe_convention(convention: str) -> str:
+    """One sentence saying how PSNR and SSIM were scored under `convention` (for results tables and model cards)."""
+    if check_convention(convention) == "paper":
+        return ("the OptVQ paper's convention: PSNR on the BT.601 YCbCr Y channel, SSIM on the BT.601 luma rounded to "
+                "255 levels (pyiqa's, as the original code evaluates), pixels in [0, 1], mean over images")
+    return "every channel of the [0, 1] pixels (not the paper's Y channel on RGB data), mean over images"
+
+
+def rgb_to_y(images: torch.Tensor, standard: str = "ycbcr") -> torch.Tensor:
+    """The BT.601 Y channel `(B, 1, H, W)` of RGB images `(B, 3, H, W)` in `[0, 1]` (float64).
+
+    Args:
+        images (`torch.Tensor`): RGB images in `[0, 1]`.
+        standard (`str`, defaults to `"ycbcr"`): `"ycbcr"`: studio-swing YCbCr, `(16 + 65.481 R + 128.553 G +
+            24.966 B) / 255` in `[16/255, 235/255]`; `"yiq"`: the luma `0.299 R + 0.587 G + 0.114 B` in `[0, 1]`.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"`images` must be RGB (B, 3, H, W), got {tuple(images.shape)}.")
+    if standard not in ("ycbcr", "yiq"):
+        raise ValueError(f"`standard` must be 'ycbcr' or 'yiq', got {standard!r}.")
+    weights, offset, scale = _YCBCR_Y if standard == "ycbcr" else _YIQ_Y
+    weights = torch.tensor(weights, dtype=torch.float64, device=images.device) * scale
+    return (images.double() * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True) + offset
+
+
+def _convention_channels(images: torch.Tensor, convention: str, standard: str) -> torch.Tensor:
+    if check_convention(convention) == "paper" and images.shape[1] == 3:
+        return rgb_to_y(images, standard)
+    return images
 
 
 def to_unit_images(images, input_range: Sequence[float] = (-1.0, 1.0), name: str = "images") -> torch.Tensor:
@@ -76,17 +131,23 @@ def _check_pair(predictions: torch.Tensor, references: torch.Tensor):
         )
 
 
-def per_image_mse(predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of every image, `(B,)` float64. Inputs as returned by [`to_unit_images`]."""
+def per_image_mse(predictions: torch.Tensor, references: torch.Tensor, convention: str = "rgb") -> torch.Tensor:
+    """Mean squared error of every image, `(B,)` float64. Inputs as returned by [`to_unit_images`]; with
+    `convention="paper"`, of the BT.601 YCbCr Y channel of RGB images (the error behind the paper's PSNR)."""
     _check_pair(predictions, references)
+    predictions = _convention_channels(predictions, convention, "ycbcr")
+    references = _convention_channels(references, convention, "ycbcr")
     return ((predictions.double() - references.double()) ** 2).flatten(1).mean(dim=1)
 
 
 def per_image_psnr(predictions: torch.Tensor, references: torch.Tensor, data_range: float = 1.0,
-                   max_psnr: float = MAX_PSNR) -> torch.Tensor:
+                   max_psnr: float = MAX_PSNR, convention: str = "rgb") -> torch.Tensor:
     """PSNR in dB of every image, `10 * log10(data_range**2 / mse)`, `(B,)` float64, capped at `max_psnr` (a perfect
-    reconstruction would otherwise be infinite). Inputs as returned by [`to_unit_images`]."""
-    mse = per_image_mse(predictions, references)
+    reconstruction would otherwise be infinite). Inputs as returned by [`to_unit_images`].
+
+    `convention="paper"`: the MSE of the BT.601 YCbCr Y channel of RGB images ([`rgb_to_y`]), as the OptVQ paper's
+    tables (pyiqa's `psnr` with `test_y_channel=True`); `"rgb"` (default): of all channels."""
+    mse = per_image_mse(predictions, references, convention)
     floor = data_range**2 * 10 ** (-max_psnr / 10)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
 
@@ -113,14 +174,24 @@ def per_image_ssim(
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
+    convention: str = "rgb",
 ) -> torch.Tensor:
     """SSIM of every image (Wang et al. 2004: Gaussian window, sigma 1.5), averaged over channels, `(B,)` float64.
 
-    Equal to `skimage.metrics.structural_similarity(pred, ref, data_range=1, channel_axis=0, gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False)`: scikit-image filters with reflected borders and then drops a border of
-    the window's radius before averaging, so only unpadded ("valid") windows count, which is what we compute.
+    `convention="rgb"` (default): equal to `skimage.metrics.structural_similarity(pred, ref, data_range=1,
+    channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`: scikit-image filters with
+    reflected borders and then drops a border of the window's radius before averaging, so only unpadded ("valid")
+    windows count, which is what we compute.
+
+    `convention="paper"`: as the OptVQ paper's tables (pyiqa's default `ssim`): RGB images are reduced to their
+    BT.601 luma `0.299 R + 0.587 G + 0.114 B` ([`rgb_to_y`] with `"yiq"`), pixels are rounded to 255 levels, and the
+    contrast-structure term is clipped at 0 before the mean over valid windows.
     """
     _check_pair(predictions, references)
+    paper = check_convention(convention) == "paper"
+    if paper:
+        predictions = (_convention_channels(predictions, convention, "yiq") * 255).round() / 255
+        references = (_convention_channels(references, convention, "yiq") * 255).round() / 255
     kernel = gaussian_kernel_1d(sigma).to(predictions.device)
     size = kernel.numel()
     batch, channels, height, width = predictions.shape
@@ -133,7 +204,10 @@ def per_image_ssim(
     mu_x, mu_y, xx, yy, xy = filtered.unbind(1)
     var_x, var_y, cov_xy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
+    if paper:
+        contrast_structure = contrast_structure.clamp_min(0)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * contrast_structure
     return ssim_map.flatten(1).mean(dim=1).reshape(batch, channels).mean(dim=1)
 
 

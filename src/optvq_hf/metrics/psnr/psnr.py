@@ -6,13 +6,17 @@ import numpy as np
 from optvq_hf.metrics import base, functional
 
 _DESCRIPTION = """Peak signal-to-noise ratio, `10 * log10(1 / mse)` per image on pixels mapped to [0, 1], averaged
-over images (the convention of the OptVQ paper's tables). Also returns the PSNR of the dataset-wide mean squared
-error. A perfect reconstruction counts as 100 dB (PSNR is otherwise infinite)."""
+over images (the averaging of the OptVQ paper's tables). Also returns the PSNR of the dataset-wide mean squared
+error. A perfect reconstruction counts as 100 dB (PSNR is otherwise infinite). `convention="rgb"` (default) scores
+all channels; `convention="paper"` scores the BT.601 YCbCr Y channel of RGB images, as the paper's tables (pyiqa's
+`psnr` with `test_y_channel=True`); grayscale images score the same under both."""
 
 _INPUTS = "\n" + base.IMAGE_PAIR_ARGS + """Returns:
     psnr (`float`): mean per-image PSNR in dB.
     psnr_of_mean_mse (`float`): PSNR of the mean squared error over all pixels of all images.
     num_samples (`int`): number of images.
+Init args:
+    convention (`str`, defaults to "rgb"): "rgb" or "paper" (the Y channel of BT.601 YCbCr).
 Example:
     >>> import optvq_hf.metrics, torch
     >>> psnr = optvq_hf.metrics.load("psnr")
@@ -26,10 +30,12 @@ _CITATION = ""
 class Psnr(base.PerImageMetric):
     statistics_features = {"psnr": datasets.Value("float64"), "mse": datasets.Value("float64")}
     description, inputs_description, citation = _DESCRIPTION, _INPUTS, _CITATION
+    supports_convention = True
 
     def image_statistics(self, predictions, references):
-        mse = functional.per_image_mse(predictions, references)
-        return {"psnr": functional.per_image_psnr(predictions, references).tolist(), "mse": mse.tolist()}
+        mse = functional.per_image_mse(predictions, references, self.convention)
+        psnr = functional.per_image_psnr(predictions, references, convention=self.convention)
+        return {"psnr": psnr.tolist(), "mse": mse.tolist()}
 
     def _compute(self, psnr, mse):
         mean_mse = functional.exact_mean(mse)

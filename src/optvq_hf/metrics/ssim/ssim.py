@@ -7,9 +7,13 @@ from optvq_hf.metrics import base, functional
 _DESCRIPTION = """Structural similarity (Wang et al. 2004) per image on pixels mapped to [0, 1]: Gaussian window
 (sigma 1.5, 11x11), K1 = 0.01, K2 = 0.03, population covariances, mean over valid windows and channels; averaged over
 images. Matches `skimage.metrics.structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
-use_sample_covariance=False)`. Images must be at least 11x11."""
+use_sample_covariance=False)`. Images must be at least 11x11. `convention="paper"` scores as the OptVQ paper's
+tables (pyiqa's default `ssim`): the BT.601 luma of RGB images, rounded to 255 levels, contrast-structure term
+clipped at 0."""
 
-_INPUTS = "\n" + base.IMAGE_PAIR_ARGS + """Returns:
+_INPUTS = "\n" + base.IMAGE_PAIR_ARGS + """Init args:
+    convention (`str`, defaults to "rgb"): "rgb" or "paper" (the paper's Y-channel SSIM).
+Returns:
     ssim (`float`): mean per-image SSIM.
     num_samples (`int`): number of images.
 """
@@ -22,9 +26,10 @@ journal={IEEE Transactions on Image Processing}, volume={13}, number={4}, pages=
 class Ssim(base.PerImageMetric):
     statistics_features = {"ssim": datasets.Value("float64")}
     description, inputs_description, citation = _DESCRIPTION, _INPUTS, _CITATION
+    supports_convention = True
 
     def image_statistics(self, predictions, references):
-        return {"ssim": functional.per_image_ssim(predictions, references).tolist()}
+        return {"ssim": functional.per_image_ssim(predictions, references, convention=self.convention).tolist()}
 
     def _compute(self, ssim):
         return {"ssim": functional.exact_mean(ssim), "num_samples": len(ssim)}
