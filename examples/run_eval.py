@@ -353,6 +353,12 @@ def main(args=None) -> dict:
     return results
 
 
+def cli():
+    """The console command `optvq-eval`: `main()`, whose results are not returned (a console command exits with
+    the return value of its function)."""
+    main()
+
+
 if __name__ == "__main__":
     main()
     sys.exit(0)

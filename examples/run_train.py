@@ -157,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--validation_images", type=str, nargs="*", default=None,
                        help="Your own image files to show in the reconstruction grids.")
     group.add_argument("--skip_final_eval", action="store_true", help="Do not evaluate at the end.")
+    group.add_argument("--fail_on_collapse", action="store_true",
+                       help="Exit with status 3 when the final evaluation finds a collapsed (dead) model; it is always "
+                            "reported in the log, the summary and metrics.json (`collapsed`).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -398,8 +401,9 @@ def evaluate(model, eval_images: torch.Tensor, accelerator, batch_size: int, aut
     Every process evaluates a strided shard with the same number of batches (padded and masked), then sums are
     reduced across processes. Returns (metrics, code counts).
     """
-    from optvq_hf.training import codebook_statistics, per_image_psnr, to_pixel_values
+    from optvq_hf.training import ReconstructionSpread, codebook_statistics, per_image_psnr, to_pixel_values
 
+    spread = ReconstructionSpread()  # dead-run detection: do reconstructions vary across images?
     was_training = model.training
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -420,6 +424,7 @@ def evaluate(model, eval_images: torch.Tensor, accelerator, batch_size: int, aut
         psnr = per_image_psnr(output.reconstruction, pixel_values).double()
         psnr_sum += (psnr * mask).sum()
         count += mask.sum()
+        spread.update(pixel_values, output.reconstruction, mask)
         tokens = output.token_ids[mask].reshape(-1)
         counts += torch.bincount(tokens, minlength=counts.numel()).double()
     psnr_sum, count = accelerator.reduce(psnr_sum, "sum"), accelerator.reduce(count, "sum")
@@ -427,6 +432,9 @@ def evaluate(model, eval_images: torch.Tensor, accelerator, batch_size: int, aut
     model.train(was_training)
     metrics = {"psnr": float(psnr_sum / count.clamp_min(1)), "num_eval_images": int(count)}
     metrics.update(codebook_statistics(counts.cpu()))
+    spread = spread.reduce_(lambda sums: accelerator.reduce(sums, "sum")).ratio
+    if math.isfinite(spread):  # needs two images or more
+        metrics["reconstruction_spread"] = spread
     return metrics, counts.cpu()
 
 
@@ -452,6 +460,19 @@ def save_validation_pictures(model, eval_images, user_images, counts, output_dir
     for path in (grid, histogram):  # stable names for the latest pictures
         shutil.copyfile(path, os.path.join(output_dir, os.path.basename(path).split("-")[0] + ".png"))
     return grid, histogram
+
+
+def check_collapse(metrics: dict, counts: torch.Tensor, baseline_psnr: float | None, step: int, log: bool = True):
+    """Dead-run detection on evaluation results: adds the verdict and its numbers to `metrics`, warns if collapsed
+    (when `log`: on the main process)."""
+    from optvq_hf.training import diagnose_collapse
+
+    diagnosis = diagnose_collapse(psnr=metrics.get("psnr"), mean_image_psnr=baseline_psnr,
+                                  reconstruction_spread=metrics.get("reconstruction_spread"), code_counts=counts)
+    metrics.update(diagnosis.to_dict())
+    if diagnosis.collapsed and log:
+        logger.warning("step %d: %s", step, diagnosis.message())
+    return diagnosis
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -597,7 +618,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from optvq_hf.quantization import get_quantizer_class
     from optvq_hf.sinkhorn import set_block_policy
     from optvq_hf.training import (
         EMAModel,
@@ -607,6 +627,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         build_param_groups,
         build_scheduler,
         codebook_statistics,
+        mean_image_psnr,
+        reconstruction_spread,
         split_weight_decay,
     )
 
@@ -640,6 +662,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     config = model.config
     loader, eval_images, description, data_info = build_data(args, accelerator, processor, resolution)
     user_images = load_user_images(args.validation_images, processor, resolution)
+    # What a model that ignores its input scores: the bar a trained model must clearly clear (dead-run detection).
+    baseline_psnr = mean_image_psnr(eval_images) if eval_images.shape[0] > 1 else None
     loss_module = OptVQLoss(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, perceptual_weight=args.perceptual_weight,
         perceptual_model=args.perceptual_model, quantization_weight=args.quantization_weight,
@@ -722,6 +746,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     logger.info("  batch %d per device x %d processes x %d accumulation = %d; lr %.3g; %d steps", args.train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps, total_batch, learning_rate,
                 max_train_steps)
+    if baseline_psnr is not None:
+        logger.info("  predicting the mean evaluation image scores PSNR %.2f dB (a trained model must beat it)",
+                    baseline_psnr)
 
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
@@ -735,6 +762,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         global_step * args.gradient_accumulation_steps
     micro = 0
     last_metrics: dict = {}
+    postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
     stopped_early = False
     model.train()
     for epoch in range(first_epoch, num_epochs):
@@ -810,11 +838,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                         "train/l2": float(totals[2]) / batches, "train/quantization": float(totals[3]) / batches,
                         "train/codebook_usage": stats["codebook_usage"], "train/perplexity": stats["perplexity"],
                         "train/dead_codes": stats["dead_codes"], "train/lr": scheduler.get_last_lr()[0],
+                        "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
                         "train/skipped_images": data_info["skipped_train"] + skipped_on_the_fly}
                 if gan_on:
                     logs.update({"train/generator": float(losses.generator), "train/generator_weight":
                                  float(losses.generator_weight), "train/discriminator": float(d_losses.discriminator)})
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", usage=f"{100 * stats['codebook_usage']:.1f}%")
+                postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * stats['codebook_usage']:.1f}%",
+                           "spread": f"{logs['train/reconstruction_spread']:.2f}"}
+                progress.set_postfix(**postfix, **health)
                 accelerator.log(logs, step=global_step)
                 window_counts.zero_()
                 window_loss.zero_()
@@ -824,7 +855,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                 metrics, counts = evaluate(unwrapped, eval_images, accelerator, args.eval_batch_size)
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
+                diagnosis = check_collapse(metrics, counts, baseline_psnr, global_step, accelerator.is_main_process)
+                health = {"eval": "COLLAPSED" if diagnosis.collapsed else f"{metrics['psnr']:.1f}dB"}
+                progress.set_postfix(**postfix, **health)
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                step=global_step)
                 if accelerator.is_main_process:
                     save_validation_pictures(unwrapped, eval_images, user_images, counts, output_dir, global_step,
                                              args.num_validation_images, accelerator)
@@ -855,6 +890,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     metrics, final_counts = {}, None
     if not args.skip_final_eval:
         metrics, final_counts = evaluate(unwrapped, eval_images, accelerator, args.eval_batch_size)
+        check_collapse(metrics, final_counts, baseline_psnr, global_step, accelerator.is_main_process)
     metrics.update({
         "global_step": global_step,
         "steps_this_run": steps_this_run,
@@ -877,7 +913,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         card = build_model_card(
             config, repo_id=args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
             num_parameters=unwrapped.num_parameters(),
-            training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time),
+            training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time)
+            + ("\n**Warning: this run collapsed** (its reconstructions do not depend on its inputs): "
+               + " ".join(metrics["collapse_reasons"]) + "\n" if metrics.get("collapsed") else ""),
             eval_results={k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity") if k in metrics} or None,
             dataset_name=description if (args.dataset_name or args.train_data_dir) else None,
         )
@@ -892,23 +930,86 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         if args.push_to_hub:
             metrics["hub_repo_id"] = push_to_hub(args, output_dir)
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-        label = get_quantizer_class(config.quantizer_type).display_name
-        summary = [f"\n{label} training done: {global_step} steps in {train_time:.0f} s "
-                   f"({metrics['seconds_per_step']:.3f} s/step).",
-                   f"  model (save_pretrained): {os.path.abspath(output_dir)}"]
-        if "psnr" in metrics:
-            summary.append(f"  eval: PSNR {metrics['psnr']:.2f} dB, code usage {100 * metrics['codebook_usage']:.1f}% "
-                           f"on {metrics['num_eval_images']} images")
-            summary.append(f"  reconstruction grid: {os.path.abspath(metrics['grid'])}")
-            summary.append(f"  code-usage histogram: {os.path.abspath(metrics['code_usage_histogram'])}")
-        summary.append(f"  metrics: {os.path.abspath(os.path.join(output_dir, 'metrics.json'))}")
-        print("\n".join(summary), flush=True)
+        if metrics.get("collapsed"):
+            logger.error("The final model COLLAPSED: %s", " ".join(metrics["collapse_reasons"]))
+        print(final_summary(metrics, config, output_dir, os.path.join(output_dir, args.logging_dir) if report_to else None,
+                            demo=is_demo_setting(args)), flush=True)
     if report_to:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     _release_accelerate_state(accelerator)
     return metrics
+
+
+# `make demo` (the Makefile's DEMO_ARGS on the bundled data): the settings it overrides, and the final PSNR it reached
+# across seeds (docs/benchmarks.md, "The demo across seeds"). tests/test_training_health.py checks that the Makefile
+# still runs this setting, so the summary's claim cannot drift from the demo.
+DEMO_SETTING = {"model_config_name_or_path": DEFAULT_MODEL, "config_overrides": "codebook_size=256",
+                "max_train_steps": 500, "train_batch_size": 32, "learning_rate": 1e-4, "codebook_init": "none",
+                "dataset_name": None, "train_data_dir": None}
+DEMO_EXPECTED_PSNR = "25.6 to 26.6 dB"
+
+
+def is_demo_setting(args: argparse.Namespace) -> bool:
+    """Whether `args` train the `make demo` setting (whatever the seed and output folder)."""
+    return all(getattr(args, name) == value for name, value in DEMO_SETTING.items())
+
+
+def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | None, demo: bool = False) -> str:
+    """The text printed at the end of training: the verdict, what the numbers mean, and which files to open."""
+    from optvq_hf.quantization import get_quantizer_class
+
+    label = get_quantizer_class(config.quantizer_type).display_name
+    where = os.path.abspath(output_dir)
+    steps, train_time = metrics["global_step"], metrics["train_time_s"]
+    baseline = metrics.get("mean_image_psnr")
+    lines = []
+    if metrics.get("collapsed"):
+        lines += [f"\n{label} training FAILED: the model COLLAPSED after {steps} steps ({train_time:.0f} s).",
+                  "Its reconstructions do not follow its inputs; do not use this model. Why:",
+                  *(f"  - {reason}" for reason in metrics["collapse_reasons"]),
+                  "Try a lower --learning_rate or more --max_train_steps (docs/training.md, 'Is my run healthy?')."]
+    else:
+        lines.append(f"\n{label} training done: {steps} steps in {train_time:.0f} s "
+                     f"({metrics['seconds_per_step']:.3f} s/step).")
+        if "psnr" not in metrics:
+            lines.append("No final evaluation (--skip_final_eval), so no verdict.")
+        else:
+            gain = f", {metrics['psnr'] - baseline:+.1f} dB over predicting the average image" if baseline else ""
+            lines.append(f"Verdict: healthy, the reconstructions follow their inputs ({metrics['psnr']:.2f} dB{gain}).")
+    if "psnr" in metrics:
+        size = config.codebook_size
+        psnr_notes = ["closeness of the reconstructions to the originals (higher is better; +3 dB = half the error)."]
+        if baseline is not None:
+            psnr_notes.append(f"Predicting the average image for every input scores {baseline:.2f} dB here.")
+        if demo:
+            psnr_notes.append(f"`make demo` reaches {DEMO_EXPECTED_PSNR} (seeds 0-9); the paper's CIFAR-10 model 28.8 "
+                              "dB after 100 epochs.")
+        column = 23
+        lines += [f"\nWhat the numbers mean ({metrics['num_eval_images']} held-out images, tokens by nearest code):",
+                  f"  {'PSNR ' + format(metrics['psnr'], '.2f') + ' dB':<{column - 2}}{psnr_notes[0]}",
+                  *(" " * column + note for note in psnr_notes[1:]),
+                  f"  {'code usage ' + format(100 * metrics['codebook_usage'], '.1f') + ' %':<{column - 2}}share of "
+                  f"the {size} codes that the images use; OptVQ keeps it near 100 % (plain VQ",
+                  " " * column + "often uses a few %).",
+                  f"  {'perplexity ' + format(metrics['perplexity'], '.1f'):<{column - 2}}effective number of codes in "
+                  f"use (at most {size}; higher = codes used more evenly)."]
+    lines.append("\nOpen:")
+    if "grid" in metrics:
+        lines += [f"  {os.path.abspath(metrics['grid'])}",
+                  "      top row: originals; bottom row: their reconstructions. Good: the same shapes and colours, a "
+                  "little blurred.",
+                  "      Collapsed: every reconstruction the same flat (often grey) square.",
+                  f"  {os.path.abspath(metrics['code_usage_histogram'])}",
+                  "      tokens per code, most used first: a long, gently falling curve is good; a few tall bars mean "
+                  "few codes in use."]
+    lines += [f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
+              f"{json.dumps(metrics.get('collapsed'))})",
+              f"  {where}    the model: OptVQModel.from_pretrained({where!r})"]
+    if logging_dir is not None:
+        lines.append(f"  tensorboard --logdir {os.path.abspath(logging_dir)}    loss, PSNR and code usage over time")
+    return "\n".join(lines)
 
 
 def _release_accelerate_state(accelerator):
@@ -929,6 +1030,17 @@ def _skip(loader, count):
             yield batch
 
 
+COLLAPSE_EXIT_CODE = 3
+
+
+def cli():
+    """The console command `optvq-train` (and `python examples/run_train.py`): `main()` on the command line; exits
+    with status `COLLAPSE_EXIT_CODE` when `--fail_on_collapse` is given and the final model collapsed, else 0 (the
+    metrics are not returned: a console command exits with the return value of its function)."""
+    args = parse_args()
+    metrics = main(args)
+    sys.exit(COLLAPSE_EXIT_CODE if args.fail_on_collapse and metrics.get("collapsed") else 0)
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    cli()

@@ -6,8 +6,8 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/model.md", "docs/quantizer.md", "docs/original_checkpoints.md", "docs/sinkhorn.md",
-         "docs/architecture.md"]
+PAGES = ["README.md", "docs/installation.md", "docs/model.md", "docs/quantizer.md", "docs/original_checkpoints.md",
+         "docs/sinkhorn.md", "docs/architecture.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

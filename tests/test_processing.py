@@ -138,7 +138,7 @@ def test_errors(tiny_model, images):
     with pytest.raises(ValueError, match=r"shape \(B, 64\)"):
         processor.batch_decode(sequence[:, 1:], (4, 4))
     with pytest.raises(ValueError, match=r"must lie in \[10, 74\)"):
-        processor.batch_decode(sequence - 10, (4, 4))
+        processor.batch_decode(torch.full_like(sequence, 9), (4, 4))  # one below the offset
     assert isinstance(processor.layout, ImageSequenceLayout)
 
 

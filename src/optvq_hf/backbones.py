@@ -6,6 +6,8 @@ Module names follow the original release so that its checkpoints load by renamin
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,6 +194,47 @@ class VQGANDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(hidden_states)))
 
 
+class _SignalPreservingInit:
+    """Initialization of the small CNN's convolutions that keeps the signal's scale from layer to layer.
+
+    PyTorch's default (`kaiming_uniform_(a=sqrt(5))`, weight variance `1 / (3 fan_in)`, bias up to `1 / sqrt(fan_in)`)
+    shrinks the variation across images by about 2.4x per layer in this normalization-free ReLU network: the untrained
+    encoder's output then varies across images by ~0.002 around per-channel constants of ~0.1 (its biases), and the
+    untrained autoencoder's reconstructions vary across images by ~1e-5 of the images' own spread, i.e. it starts as a
+    constant function. Training must first escape that state, and at the demo's learning rate the decoder's ReLUs died
+    during the escape for 3 of 10 seeds (docs/benchmarks.md, "The demo across seeds"). Here weights are
+    `N(0, gain^2 / fan_in)` with `gain = sqrt(2)` when the input comes out of a ReLU (He) and 1 otherwise, and biases
+    start at zero, so each layer keeps the second moment of its input and the untrained autoencoder already
+    reconstructs with a spread across images of ~0.5-0.75. Checkpoints are unaffected (same parameters and names).
+    """
+
+    relu_input: bool = False
+
+    def reset_parameters(self):
+        fan_in = self.in_channels * math.prod(self.kernel_size) // self.groups
+        if isinstance(self, nn.ConvTranspose2d):
+            fan_in //= math.prod(self.stride)  # an output pixel sees kernel / stride taps of each input channel
+        nn.init.normal_(self.weight, 0.0, math.sqrt((2.0 if self.relu_input else 1.0) / fan_in))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _Conv2d(_SignalPreservingInit, nn.Conv2d):
+    """A convolution whose input is not a ReLU output (gain 1)."""
+
+
+class _ConvAfterReLU(_SignalPreservingInit, nn.Conv2d):
+    """A convolution applied to a ReLU output (gain sqrt(2))."""
+
+    relu_input = True
+
+
+class _ConvTransposeAfterReLU(_SignalPreservingInit, nn.ConvTranspose2d):
+    """A transposed convolution applied to a ReLU output (gain sqrt(2))."""
+
+    relu_input = True
+
+
 class SimpleCNNEncoder(GradientCheckpointingLayer):
     """The paper's Table 4 encoder (f = 4): conv3x3-ReLU, [conv2x2/2, conv3x3-ReLU] x 2, conv3x3.
 
@@ -203,12 +246,12 @@ class SimpleCNNEncoder(GradientCheckpointingLayer):
     def __init__(self, config):
         super().__init__()
         first, second, third = (config.base_channels * m for m in config.channel_multipliers)
-        self.in_fc = nn.Conv2d(config.in_channels, first, 3, padding=1)
-        self.down1 = nn.Conv2d(first, first, 2, stride=2)
-        self.conv1 = nn.Conv2d(first, second, 3, padding=1)
-        self.down2 = nn.Conv2d(second, second, 2, stride=2)
-        self.conv2 = nn.Conv2d(second, third, 3, padding=1)
-        self.out_fc = nn.Conv2d(third, config.latent_channels, 3, padding=1)
+        self.in_fc = _Conv2d(config.in_channels, first, 3, padding=1)
+        self.down1 = _ConvAfterReLU(first, first, 2, stride=2)
+        self.conv1 = _Conv2d(first, second, 3, padding=1)
+        self.down2 = _ConvAfterReLU(second, second, 2, stride=2)
+        self.conv2 = _Conv2d(second, third, 3, padding=1)
+        self.out_fc = _ConvAfterReLU(third, config.latent_channels, 3, padding=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = F.relu(self.in_fc(pixel_values))
@@ -223,12 +266,12 @@ class SimpleCNNDecoder(GradientCheckpointingLayer):
     def __init__(self, config):
         super().__init__()
         first, second, third = (config.base_channels * m for m in config.channel_multipliers)
-        self.in_fc = nn.Conv2d(config.latent_channels, third, 3, padding=1)
-        self.up1 = nn.ConvTranspose2d(third, second, 2, stride=2)
-        self.conv1 = nn.Conv2d(second, second, 3, padding=1)
-        self.up2 = nn.ConvTranspose2d(second, first, 2, stride=2)
-        self.conv2 = nn.Conv2d(first, first, 3, padding=1)
-        self.out_fc = nn.Conv2d(first, config.out_channels, 3, padding=1)
+        self.in_fc = _Conv2d(config.latent_channels, third, 3, padding=1)
+        self.up1 = _ConvTransposeAfterReLU(third, second, 2, stride=2)
+        self.conv1 = _Conv2d(second, second, 3, padding=1)
+        self.up2 = _ConvTransposeAfterReLU(second, first, 2, stride=2)
+        self.conv2 = _Conv2d(first, first, 3, padding=1)
+        self.out_fc = _ConvAfterReLU(first, config.out_channels, 3, padding=1)
 
     @property
     def last_layer_weight(self) -> torch.Tensor:

@@ -1,0 +1,243 @@
+"""Dead-run detection: tell a collapsed (constant-output) autoencoder from one that learned something.
+
+A tokenizer run can "succeed" (exit 0, finite loss, 100 % code usage under Sinkhorn) while its decoder has died and
+paints the same image for every input. Three symptoms, checked on the evaluation set, give it away:
+
+* the reconstructions (nearly) do not vary across images: their per-pixel spread across images is a tiny fraction
+  of the originals' (`reconstruction_spread` below `min_reconstruction_spread`);
+* the PSNR is no better than predicting the mean image of the evaluation set for every input (the best constant
+  prediction in squared error), by less than `min_psnr_gain_db`;
+* the evaluation images use only a handful of codes (fewer than `min_codes_used` distinct codes).
+
+Front ends (`examples/run_train.py`, your own loop) compute the baseline once with [`mean_image_psnr`], accumulate
+the spread during evaluation with [`ReconstructionSpread`] (reducible over processes), and call
+[`diagnose_collapse`], whose [`CollapseDiagnosis`] holds the verdict, the reasons and the numbers for `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "MIN_PSNR_GAIN_DB",
+    "MIN_RECONSTRUCTION_SPREAD",
+    "MIN_CODES_USED",
+    "mean_image_psnr",
+    "reconstruction_spread",
+    "ReconstructionSpread",
+    "CollapseDiagnosis",
+    "diagnose_collapse",
+]
+
+# A run must beat the mean image by this many dB (healthy demo runs beat it by 6 to 10 dB; dead ones by < 0.1 dB).
+MIN_PSNR_GAIN_DB = 1.0
+# Reconstructions must vary across images at least this much relative to the originals (healthy: about 0.9; a dead
+# decoder: below 1e-3).
+MIN_RECONSTRUCTION_SPREAD = 0.05
+# The evaluation images must use at least this many distinct codes (when the codebook has more).
+MIN_CODES_USED = 4
+
+
+def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] or floating-point pixel values in [-1, 1] -> float64 in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.double() / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"Images must be uint8 in [0, 255] or floating point in [-1, 1], got {images.dtype}.")
+    return (images.double().clamp(-1, 1) + 1) / 2
+
+
+@torch.no_grad()
+def mean_image_psnr(images: torch.Tensor, batch_size: int = 256, max_mse_floor: float = 1e-10) -> float:
+    """Mean per-image PSNR (dB, over [0, 1] pixels) of predicting the per-pixel mean image for every image.
+
+    This is the score of the best constant prediction in squared error: a model that ignores its input cannot do
+    better (up to the difference between the mean of per-image PSNRs and the PSNR of the mean error). It is the
+    baseline a trained autoencoder must clearly beat; it is computed with the same per-image PSNR as
+    [`~optvq_hf.training.per_image_psnr`].
+
+    Args:
+        images (`torch.Tensor` of shape `(N, C, H, W)`): uint8 images in [0, 255] or pixel values in [-1, 1];
+            at least two images.
+        batch_size (`int`, defaults to 256): images converted to float64 at a time.
+        max_mse_floor (`float`, defaults to 1e-10): floor of each image's mean squared error.
+    """
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"`images` must have shape (N >= 2, C, H, W), got {tuple(images.shape)}.")
+    total = images.shape[0]
+    mean = torch.zeros(images.shape[1:], dtype=torch.float64)
+    for start in range(0, total, batch_size):
+        mean += _unit_pixels(images[start:start + batch_size].cpu()).sum(0)
+    mean /= total
+    psnr_sum = 0.0
+    for start in range(0, total, batch_size):
+        batch = _unit_pixels(images[start:start + batch_size].cpu())
+        mse = (batch - mean).pow(2).flatten(1).mean(1).clamp_min(max_mse_floor)
+        psnr_sum += float((-10.0 * torch.log10(mse)).sum())
+    return psnr_sum / total
+
+
+def reconstruction_spread(originals: torch.Tensor, reconstructions: torch.Tensor) -> float:
+    """How much the reconstructions of a batch vary across images, relative to the originals (one batch).
+
+    `sqrt(mean over pixels of Var_images(reconstruction)) / sqrt(mean over pixels of Var_images(original))`, over
+    [0, 1] pixels: about 1 when the reconstructions differ from each other as much as the images do, 0 for a
+    constant output. Useful as a cheap live signal on training batches (an untrained network starts near 0 too).
+    """
+    spread = ReconstructionSpread()
+    spread.update(originals, reconstructions)
+    return spread.ratio
+
+
+@dataclass
+class ReconstructionSpread:
+    """Accumulates [`reconstruction_spread`] over many batches (and processes) from per-pixel sums.
+
+    Call `update(originals, reconstructions, mask)` for every evaluation batch (pixel values in [-1, 1]); with
+    several processes, `reduce_(lambda t: accelerator.reduce(t, "sum"))` sums the statistics of all ranks; `ratio`
+    is then the spread over the whole evaluation set (`nan` with fewer than two images).
+    """
+
+    sums: torch.Tensor | None = None  # (5, C, H, W): sum and sum of squares of originals and reconstructions, count
+    num_images: float = 0.0
+
+    @torch.no_grad()
+    def update(self, originals: torch.Tensor, reconstructions: torch.Tensor, mask: torch.Tensor | None = None):
+        """Add a batch `(B, C, H, W)`; `mask` `(B,)` marks the images to count (padding excluded)."""
+        if originals.shape != reconstructions.shape or originals.ndim != 4:
+            raise ValueError(f"Expected originals and reconstructions of the same shape (B, C, H, W), got "
+                             f"{tuple(originals.shape)} and {tuple(reconstructions.shape)}.")
+        original, reconstruction = _unit_pixels(originals), _unit_pixels(reconstructions)
+        weight = torch.ones(original.shape[0], dtype=torch.float64, device=original.device) if mask is None else \
+            mask.to(device=original.device, dtype=torch.float64)
+        weight = weight.view(-1, 1, 1, 1)
+        batch = torch.stack([
+            (weight * original).sum(0), (weight * original.pow(2)).sum(0),
+            (weight * reconstruction).sum(0), (weight * reconstruction.pow(2)).sum(0),
+            weight.sum(0).expand_as(original[0]),
+        ])
+        self.sums = batch if self.sums is None else self.sums + batch.to(self.sums.device)
+
+    def reduce_(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> ReconstructionSpread:
+        """Replace the statistics by `reduce_sum(statistics)` (e.g. a sum over processes); returns `self`."""
+        if self.sums is not None:
+            self.sums = reduce_sum(self.sums)
+        return self
+
+    @property
+    def ratio(self) -> float:
+        if self.sums is None:
+            return float("nan")
+        count = float(self.sums[4].flatten()[0])
+        if count < 2:
+            return float("nan")
+        variances = []
+        for first in (0, 2):
+            mean = self.sums[first] / count
+            variances.append(float((self.sums[first + 1] / count - mean.pow(2)).clamp_min(0).mean()))
+        original, reconstruction = variances
+        if original <= 0:
+            return float("nan")
+        return math.sqrt(reconstruction / original)
+
+
+@dataclass
+class CollapseDiagnosis:
+    """The verdict of [`diagnose_collapse`] and the numbers behind it.
+
+    Attributes:
+        collapsed (`bool`): a symptom of a dead / collapsed run was found.
+        reasons (`list[str]`): one sentence per symptom found (empty when healthy).
+        psnr (`float`, *optional*): the evaluation PSNR (dB).
+        mean_image_psnr (`float`, *optional*): the PSNR of predicting the evaluation set's mean image (dB).
+        reconstruction_spread (`float`, *optional*): spread of the reconstructions across images relative to the
+            originals' (0: constant output, about 1: as varied as the images).
+        codes_used (`int`, *optional*): distinct codes used by the evaluation images.
+        codebook_size (`int`, *optional*): the number of codes.
+    """
+
+    collapsed: bool
+    reasons: list[str] = field(default_factory=list)
+    psnr: float | None = None
+    mean_image_psnr: float | None = None
+    reconstruction_spread: float | None = None
+    codes_used: int | None = None
+    codebook_size: int | None = None
+
+    @property
+    def psnr_gain_db(self) -> float | None:
+        """PSNR above the mean-image baseline (dB)."""
+        if self.psnr is None or self.mean_image_psnr is None:
+            return None
+        return self.psnr - self.mean_image_psnr
+
+    def to_dict(self) -> dict:
+        """The flags and numbers for `metrics.json`: `collapsed`, `collapse_reasons`, `mean_image_psnr`,
+        `psnr_gain_over_mean_image`, `reconstruction_spread`, `eval_codes_used` (absent numbers left out)."""
+        out = {"collapsed": self.collapsed, "collapse_reasons": list(self.reasons)}
+        for key, value in (("mean_image_psnr", self.mean_image_psnr), ("psnr_gain_over_mean_image", self.psnr_gain_db),
+                           ("reconstruction_spread", self.reconstruction_spread), ("eval_codes_used", self.codes_used)):
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                out[key] = value
+        return out
+
+    def message(self) -> str:
+        """One paragraph for logs: the verdict and why."""
+        if not self.collapsed:
+            gain = self.psnr_gain_db
+            extra = f" ({gain:+.1f} dB over the mean-image baseline)" if gain is not None else ""
+            return f"Training looks healthy: reconstructions depend on their inputs{extra}."
+        return ("COLLAPSED RUN: the model does not reconstruct its inputs (a dead network or a far too short run); "
+                "its outputs are not usable. " + " ".join(self.reasons))
+
+
+def diagnose_collapse(
+    psnr: float | None = None,
+    mean_image_psnr: float | None = None,
+    reconstruction_spread: float | None = None,
+    code_counts: torch.Tensor | None = None,
+    min_psnr_gain_db: float = MIN_PSNR_GAIN_DB,
+    min_reconstruction_spread: float = MIN_RECONSTRUCTION_SPREAD,
+    min_codes_used: int = MIN_CODES_USED,
+) -> CollapseDiagnosis:
+    """Decide whether a trained autoencoder collapsed, from evaluation-set numbers. Every argument is optional; a
+    symptom is only checked when its numbers are given (and finite).
+
+    Args:
+        psnr (`float`, *optional*): mean per-image PSNR of the reconstructions (dB).
+        mean_image_psnr (`float`, *optional*): the baseline from [`mean_image_psnr`] on the same images.
+        reconstruction_spread (`float`, *optional*): [`ReconstructionSpread.ratio`] on the same images.
+        code_counts (`torch.Tensor` of shape `(codebook_size,)`, *optional*): how often each code was used.
+        min_psnr_gain_db (`float`, defaults to `MIN_PSNR_GAIN_DB` = 1.0): collapsed when `psnr` does not beat the
+            baseline by this much.
+        min_reconstruction_spread (`float`, defaults to `MIN_RECONSTRUCTION_SPREAD` = 0.05): collapsed below.
+        min_codes_used (`int`, defaults to `MIN_CODES_USED` = 4): collapsed when fewer distinct codes are used
+            (only checked when the codebook has more codes than that).
+    """
+    def finite(value):
+        return value is not None and math.isfinite(value)
+
+    reasons = []
+    if finite(reconstruction_spread) and reconstruction_spread < min_reconstruction_spread:
+        reasons.append(f"Reconstructions are (nearly) the same for every image: their spread across images is "
+                       f"{reconstruction_spread:.3g} of the originals' (healthy runs: about 1; threshold "
+                       f"{min_reconstruction_spread:g}).")
+    if finite(psnr) and finite(mean_image_psnr) and psnr < mean_image_psnr + min_psnr_gain_db:
+        reasons.append(f"PSNR {psnr:.2f} dB is no better than predicting the mean image for every input "
+                       f"({mean_image_psnr:.2f} dB; a trained model must beat it by at least {min_psnr_gain_db:g} dB).")
+    codes_used = codebook_size = None
+    if code_counts is not None:
+        codebook_size = int(code_counts.numel())
+        codes_used = int((code_counts > 0).sum())
+        if codebook_size > min_codes_used and code_counts.sum() > 0 and codes_used < min_codes_used:
+            reasons.append(f"The evaluation images use only {codes_used} of {codebook_size} codes.")
+    return CollapseDiagnosis(
+        collapsed=bool(reasons), reasons=reasons, psnr=psnr if finite(psnr) else None,
+        mean_image_psnr=mean_image_psnr if finite(mean_image_psnr) else None,
+        reconstruction_spread=reconstruction_spread if finite(reconstruction_spread) else None,
+        codes_used=codes_used, codebook_size=codebook_size,
+    )
