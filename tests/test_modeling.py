@@ -321,8 +321,7 @@ def test_model_card_describes_the_quantizer(quantizer_type, phrase):
 
 def test_a_tiny_model_learns_to_reconstruct_and_uses_its_codebook():
     """60 Adam steps on 16 smooth images (reconstruction + quantizer loss): the error of the nearest-code
-    reconstruction falls by more than half (0.306 -> 0.113 when written) and nearly every code ends up in use
-    (0.09 -> 1.0)."""
+    reconstruction falls to under 30% (0.354 -> 0.038 when written) and every code ends up in use (0.5 -> 1.0)."""
     import numpy as np
     from training_helpers import smooth_image
 
@@ -347,5 +346,5 @@ def test_a_tiny_model_learns_to_reconstruct_and_uses_its_codebook():
         loss.backward()
         optimizer.step()
     error_after, usage_after = evaluate()
-    assert error_after < 0.5 * error_before, (error_before, error_after)
-    assert usage_before < 0.2 and usage_after >= 0.9, (usage_before, usage_after)
+    assert error_after < 0.3 * error_before, (error_before, error_after)
+    assert usage_after == 1.0 > usage_before, (usage_before, usage_after)
