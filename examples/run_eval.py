@@ -4,8 +4,12 @@
     python examples/run_eval.py --model path/to/model --dataset_name ../shared/datasets/mnist --split test \
         --output_dir eval-out [--max_eval_samples 2000] [--batch_size 256] [--metrics psnr,ssim,usage]
 
+The data is read as `examples/run_train.py` reads it (`optvq_hf.training.load_image_dataset`: Hub id, local folder,
+file or stream) and preprocessed by the model's processor; unreadable images are skipped and counted. The numbers are
+`optvq_hf.metrics`' (the evaluate modules, the same definitions as training's evaluation).
+
 Writes `DIR/results.json` (`psnr`, `ssim`, `lpips`, `rfid`, `codebook_usage` as a fraction, `perplexity`,
-`dead_codes`, `num_samples`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
+`dead_codes`, `num_samples`, `skipped_images`, ...), `DIR/code_usage.png` (per-code usage histogram), `DIR/reconstructions.png`
 (originals above reconstructions), and, when `--model` is a local folder, updates its model card (`README.md`):
 the `model-index` metadata gets the numbers.
 
@@ -37,17 +41,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="Local folder or Hub id of an OptVQModel.")
     parser.add_argument("--revision", default=None, help="Hub revision of --model.")
     parser.add_argument("--dataset_name", required=True,
-                        help="Hub dataset id, a local dataset folder (e.g. parquet files per split) or a parquet file.")
+                        help="Hub dataset id, a local folder (data files such as parquet per split, or images), a "
+                             "save_to_disk folder, or one parquet / arrow file.")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--split", default="test")
     parser.add_argument("--image_column", default=None, help="Image column (default: the first Image feature).")
+    parser.add_argument("--streaming", action="store_true", help="Stream the dataset (no local copy).")
+    parser.add_argument("--cache_dir", default=None, help="datasets cache folder.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate the first N images only.")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--metrics", default="psnr,ssim,usage",
                         help=f"Comma-separated subset of {','.join(METRIC_CHOICES)}.")
     parser.add_argument("--lpips_model", default=None,
-                        help="LPIPSNetwork folder or Hub id (config.json + model.safetensors); needed for lpips.")
+                        help="LPIPS weights, as run_train's --perceptual_model: an LPIPSNetwork folder or Hub id "
+                             "(config.json + model.safetensors), or lpips_vgg.safetensors (a file or a folder holding "
+                             "it); needed for lpips.")
     parser.add_argument("--fid_model", default=None,
                         help="Feature network folder or Hub id for rFID (our Inception-v3 or a transformers model).")
     parser.add_argument("--inference_assignment", choices=("config", "nearest", "sinkhorn"), default="config",
@@ -70,42 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--metrics rfid needs --fid_model (a local folder or Hub id of the feature network).")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}.")
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        parser.error(f"--max_eval_samples must be >= 1 when given, got {args.max_eval_samples}.")
     args.metric_list = metrics
     return args
-
-
-def load_eval_dataset(name: str, config_name: str | None, split: str):
-    """A `datasets.Dataset` split from a Hub id, a local folder or a parquet file."""
-    from datasets import load_dataset
-
-    if os.path.isfile(name) and name.endswith(".parquet"):
-        return load_dataset("parquet", data_files={split: name}, split=split)
-    if os.path.isdir(name):
-        parquet = sorted(f for f in os.listdir(name) if f.endswith(".parquet"))
-        if parquet:
-            files = {}
-            for filename in parquet:
-                files.setdefault(filename.split("-")[0].split(".")[0], []).append(os.path.join(name, filename))
-            if split not in files:
-                raise ValueError(f"No {split!r} split in {name}; found {sorted(files)}.")
-            return load_dataset("parquet", data_files={split: files[split]}, split=split)
-    return load_dataset(name, config_name, split=split)
-
-
-def find_image_column(dataset, image_column: str | None) -> str:
-    from datasets import Image
-
-    if image_column:
-        if image_column not in dataset.column_names:
-            raise ValueError(f"--image_column {image_column!r} not in the dataset columns {dataset.column_names}.")
-        return image_column
-    for name, feature in dataset.features.items():
-        if isinstance(feature, Image):
-            return name
-    for name in ("image", "img", "pixel_values"):
-        if name in dataset.column_names:
-            return name
-    raise ValueError(f"No image column found in {dataset.column_names}; pass --image_column.")
 
 
 def _distributed_state():
@@ -115,41 +92,6 @@ def _distributed_state():
         state = PartialState()
         return state.num_processes, state.process_index, state
     return 1, 0, None
-
-
-def save_usage_histogram(counts: np.ndarray, path: str, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    axes[0].bar(np.arange(len(counts)), counts, width=1.0, color="tab:blue")
-    axes[0].set_xlabel("code index")
-    axes[0].set_ylabel("count")
-    axes[0].set_title(title)
-    axes[1].plot(np.sort(counts)[::-1], color="tab:orange")
-    axes[1].set_yscale("symlog")
-    axes[1].set_xlabel("codes, most used first")
-    axes[1].set_ylabel("count")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, path: str):
-    """Originals (top row) above reconstructions (bottom row); inputs in [-1, 1]."""
-    from PIL import Image
-
-    def to_row(images):
-        unit = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-        row = torch.cat(list(unit), dim=2)  # (C, H, N*W)
-        return row
-
-    grid = torch.cat([to_row(originals), to_row(reconstructions)], dim=1).permute(1, 2, 0).numpy()
-    image = Image.fromarray(grid[..., 0], mode="L") if grid.shape[-1] == 1 else Image.fromarray(grid)
-    scale = max(1, 128 // originals.shape[-1])
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
 
 
 def update_model_card(model_dir: str, model, results: dict, dataset_name: str, split: str):
@@ -204,6 +146,14 @@ def main(args=None) -> dict:
     import optvq_hf  # noqa: F401  (registers the Auto classes)
     from optvq_hf import OptVQImageProcessor, OptVQModel, get_quantizer_class
     import optvq_hf.metrics as optvq_metrics
+    from optvq_hf.metrics import save_reconstruction_grid, save_usage_histogram
+    from optvq_hf.training import (
+        ImagePreprocessor,
+        find_image_column,
+        iter_image_batches,
+        load_image_dataset,
+        to_pixel_values,
+    )
 
     world_size, rank, state = _distributed_state()
     torch.manual_seed(args.seed)
@@ -224,14 +174,14 @@ def main(args=None) -> dict:
     except (OSError, ValueError):
         processor = OptVQImageProcessor.from_model_config(config)
 
-    dataset = load_eval_dataset(args.dataset_name, args.dataset_config_name, args.split)
-    image_column = find_image_column(dataset, args.image_column)
+    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
+                                 cache_dir=args.cache_dir, split=args.split)
+    image_column = find_image_column(dataset.features, args.image_column)
     if args.max_eval_samples is not None:
-        dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
-    num_images = len(dataset)
-    if num_images == 0:
-        raise ValueError("The evaluation split is empty.")
-    indices = list(range(rank, num_images, world_size))
+        dataset = dataset.take(args.max_eval_samples) if args.streaming else dataset.select(
+            range(min(args.max_eval_samples, len(dataset))))
+    # The processor's own resize and center crop; unreadable images are skipped and counted.
+    preprocessor = ImagePreprocessor(processor)
 
     # Distributed evaluate modules gather per-image rows through files; one process keeps them in memory.
     # The same id on every process (it names the shared cache files); distinct per output folder.
@@ -260,10 +210,15 @@ def main(args=None) -> dict:
         agreement = torch.zeros(2, dtype=torch.float64)  # (equal tokens, tokens)
 
     side_originals, side_reconstructions = [], []
+    seen = torch.zeros(2, dtype=torch.float64)  # (images evaluated, unreadable images skipped) on this process
     start_time = time.perf_counter()
-    for start in range(0, len(indices), args.batch_size):
-        rows = dataset[indices[start:start + args.batch_size]][image_column]
-        pixel_values = processor(rows, return_tensors="pt").pixel_values.to(device)
+    for images, num_skipped in iter_image_batches(dataset, image_column, preprocessor, args.batch_size, rank,
+                                                  world_size):
+        seen[1] += num_skipped
+        if images is None:
+            continue
+        seen[0] += images.shape[0]
+        pixel_values = to_pixel_values(images).to(device)
         with torch.no_grad():
             output = model(pixel_values)
         reconstruction = output.reconstruction.float().clamp(-1, 1).cpu()
@@ -293,18 +248,22 @@ def main(args=None) -> dict:
             side_reconstructions.append(reconstruction)
     elapsed = time.perf_counter() - start_time
 
-    if compare and world_size > 1:
+    totals = torch.cat([seen, agreement if compare else torch.zeros(2, dtype=torch.float64)])
+    if world_size > 1:
         import torch.distributed as dist
 
-        agreement_device = agreement.to(device)
-        dist.all_reduce(agreement_device)
-        agreement = agreement_device.cpu()
+        reduced = totals.to(device)
+        dist.all_reduce(reduced)
+        totals = reduced.cpu()
+    num_images, num_skipped, agreement = int(totals[0]), int(totals[1]), totals[2:]
+    if num_images == 0:
+        raise ValueError(f"No readable image in the evaluation split ({num_skipped} unreadable).")
 
     computed = {name: metric.compute() for name, metric in metrics.items()}
     if rank != 0:
         return {}
 
-    results: dict = {"num_samples": num_images}
+    results: dict = {"num_samples": num_images, "skipped_images": num_skipped}
     for name in ("psnr", "ssim", "lpips", "rfid"):
         if name in computed:
             results[name] = computed[name][name]
@@ -339,12 +298,13 @@ def main(args=None) -> dict:
         json.dump(results, handle, indent=2)
     if counts is not None:
         np.save(os.path.join(args.output_dir, "code_counts.npy"), counts)
-        save_usage_histogram(counts, os.path.join(args.output_dir, "code_usage.png"),
-                             f"code usage {results['codebook_usage']:.1%}, perplexity {results['perplexity']:.1f}")
+        save_usage_histogram(counts, os.path.join(args.output_dir, "code_usage.png"), f"{args.split} split")
     if side_originals:
         count = args.num_side_by_side
-        save_side_by_side(torch.cat(side_originals)[:count], torch.cat(side_reconstructions)[:count],
-                          os.path.join(args.output_dir, "reconstructions.png"))
+        originals = torch.cat(side_originals)[:count]
+        save_reconstruction_grid(originals, torch.cat(side_reconstructions)[:count],
+                                 os.path.join(args.output_dir, "reconstructions.png"),
+                                 scale=max(1, 128 // originals.shape[-1]), padding=0)
     if os.path.isdir(args.model) and not args.no_model_card:
         readme = update_model_card(args.model, model, results, args.dataset_name, args.split)
         logger.info("Updated the model card %s", readme)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,47 @@ import warnings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel  # noqa: E402
+from optvq_hf.configuration_optvq import PRESETS  # noqa: E402
+from optvq_hf.metrics import codebook_statistics, save_reconstruction_grid, save_usage_histogram  # noqa: E402
+from optvq_hf.model_card import build_model_card  # noqa: E402
+from optvq_hf.quantization import get_quantizer_class  # noqa: E402
+from optvq_hf.sinkhorn import get_block_policy, set_block_policy  # noqa: E402
+from optvq_hf.training import (  # noqa: E402
+    EMAModel,
+    ImagePreprocessor,
+    OptVQLoss,
+    RunningMeans,
+    accelerate_state_conflicts,
+    augment_batch,
+    augmentation_generator,
+    build_demo_dataset,
+    build_image_dataset,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    checkpoint_step,
+    collate_images,
+    decode_image_column,
+    decode_images,
+    diagnose_collapse,
+    evaluate_reconstruction,
+    find_image_column,
+    initialize_codebook,
+    load_image_dataset,
+    mean_image_psnr,
+    reconstruction_spread,
+    resolve_resume_checkpoint,
+    run_in_fresh_process,
+    save_checkpoint,
+    save_final_model,
+    set_cpu_threads,
+    split_train_and_eval,
+    split_weight_decay,
+    to_pixel_values,
+)
 
 logger = logging.getLogger("optvq_hf.run_train")
 
@@ -114,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--num_threads", type=int, default=None,
                        help="torch CPU threads per process (default: CPU cores / local processes).")
+    group.add_argument("--sinkhorn_block_policy", choices=("auto", "active", "passive"), default="auto",
+                       help="How the Sinkhorn engine sizes its CPU blocks (optvq_hf.sinkhorn.set_block_policy); auto: "
+                            "'passive' when OMP_WAIT_POLICY=PASSIVE (which this script sets unless the environment "
+                            "does), else 'active'.")
 
     group = parser.add_argument_group("loss")
     group.add_argument("--l1_weight", type=float, default=1.0)
@@ -219,14 +265,18 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
+def sinkhorn_block_policy(choice: str) -> str:
+    """`--sinkhorn_block_policy`: `auto` follows how this process's OpenMP threads wait (`OMP_WAIT_POLICY`)."""
+    if choice != "auto":
+        return choice
+    return "passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Model, processor and data
 # --------------------------------------------------------------------------------------------------------------------
 def load_model_and_processor(args):
     """The model (new from a preset / config, or pretrained) and its image processor."""
-    from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-    from optvq_hf.configuration_optvq import PRESETS
-
     name = args.model_config_name_or_path
     overrides = parse_config_overrides(args.config_overrides)
     processor = None
@@ -259,263 +309,6 @@ def load_model_and_processor(args):
     processor.crop_size = {"height": resolution, "width": resolution}
     return model, processor, resolution
 
-
-def _pick_eval_split(splits, args) -> str | None:
-    if args.validation_split is not None:
-        if args.validation_split not in splits:
-            raise ValueError(f"`--validation_split` {args.validation_split!r} not in the dataset's splits {splits}.")
-        return args.validation_split
-    for candidate in ("validation", "valid", "val", "test"):
-        if candidate in splits and candidate != args.train_split:
-            return candidate
-    return None
-
-
-def build_data(args, accelerator, processor, resolution):
-    """Training DataLoader (prepared unless streaming), evaluation images (uint8, on CPU) and a description."""
-    import datasets
-    import numpy as np
-    from datasets.distributed import split_dataset_by_node
-
-    from optvq_hf.training import (
-        CachedImageDataset,
-        ImagePreprocessor,
-        OnTheFlyImageDataset,
-        StreamingImageDataset,
-        build_demo_dataset,
-        cache_preprocessed,
-        collate_images,
-        find_image_column,
-        load_image_dataset,
-    )
-
-    if args.dataset_name is None and args.train_data_dir is None:
-        with accelerator.main_process_first():
-            raw = build_demo_dataset(num_train=args.demo_num_images, num_test=max(64, args.num_validation_images),
-                                     resolution=resolution, seed=0)
-        description = "demo (random crops of scikit-image's bundled photos)"
-        streaming = False
-    else:
-        with accelerator.main_process_first():
-            raw = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
-                                     streaming=args.streaming, cache_dir=args.cache_dir, token=args.hub_token)
-        description = args.dataset_name or args.train_data_dir
-        streaming = args.streaming
-    splits = list(raw.keys())
-    if args.train_split not in splits:
-        raise ValueError(f"`--train_split` {args.train_split!r} not in the dataset's splits {splits}.")
-    train = raw[args.train_split]
-    image_column = find_image_column(train.features, args.image_column)
-    eval_split = _pick_eval_split(splits, args)
-    train_pre = ImagePreprocessor(processor, resolution, center_crop=False)
-    eval_pre = ImagePreprocessor(processor, resolution, center_crop=True)
-    max_eval = args.max_eval_samples
-
-    # ---- evaluation images: a small set, decoded once into memory
-    if streaming:
-        if eval_split is not None:
-            eval_source = raw[eval_split].take(max_eval)
-        else:
-            eval_source = train.take(max_eval)
-            train = train.skip(max_eval)
-        eval_rows = [row[image_column] for row in eval_source]
-    else:
-        if eval_split is not None:
-            eval_set = raw[eval_split]
-        else:
-            held = max(1, int(round(len(train) * args.validation_split_percentage / 100)))
-            split = train.train_test_split(test_size=held, seed=args.seed, shuffle=True)
-            train, eval_set = split["train"], split["test"]
-        eval_set = eval_set.select(range(min(max_eval, len(eval_set))))
-        eval_set = eval_set.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
-            eval_set.features.get(image_column), datasets.Image) else eval_set
-        eval_rows = eval_set[image_column]
-    eval_arrays = [eval_pre(value) for value in eval_rows]
-    eval_skipped = sum(array is None for array in eval_arrays)
-    eval_arrays = [array for array in eval_arrays if array is not None]
-    if not eval_arrays:
-        raise ValueError("No readable image in the evaluation set.")
-    eval_images = torch.from_numpy(np.stack(eval_arrays))
-
-    # ---- training data
-    skipped = 0
-    if streaming:
-        train = train.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
-        if accelerator.num_processes > 1:
-            train = split_dataset_by_node(train, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        dataset = StreamingImageDataset(train, image_column, train_pre)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_images,
-                                             num_workers=args.dataloader_num_workers, drop_last=True)
-        return loader, eval_images, description, {"skipped_train": 0, "skipped_eval": eval_skipped,
-                                                  "train_size": None, "streaming": True}
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    cache = args.cache_preprocessed
-    if cache == "auto":
-        channels = processor.num_channels
-        cache = "always" if len(train) * channels * resolution * resolution * 1.5 < 64e9 else "never"
-    if cache == "always":
-        with accelerator.main_process_first():
-            processed, skipped = cache_preprocessed(train, image_column, train_pre,
-                                                    num_proc=args.preprocessing_num_workers)
-        dataset = CachedImageDataset.maybe_in_memory(processed)
-    else:
-        dataset = OnTheFlyImageDataset(train, image_column, train_pre)
-    if len(dataset) < args.train_batch_size * accelerator.num_processes:
-        raise ValueError(f"The training set has {len(dataset)} readable images, fewer than one global batch "
-                         f"({args.train_batch_size} x {accelerator.num_processes} processes).")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_images, num_workers=args.dataloader_num_workers,
-                                         persistent_workers=args.dataloader_num_workers > 0)
-    loader = accelerator.prepare(loader)
-    return loader, eval_images, description, {"skipped_train": skipped, "skipped_eval": eval_skipped,
-                                              "train_size": len(dataset), "streaming": False}
-
-
-def load_user_images(paths, processor, resolution) -> torch.Tensor | None:
-    """`--validation_images`: center-cropped uint8 `(N, C, R, R)`; unreadable files are skipped with a warning."""
-    import numpy as np
-
-    from optvq_hf.training import ImagePreprocessor
-
-    if not paths:
-        return None
-    pre = ImagePreprocessor(processor, resolution, center_crop=True)
-    arrays = []
-    for path in paths:
-        array = pre(path)
-        if array is None:
-            logger.warning("Skipping unreadable validation image %s", path)
-        else:
-            arrays.append(array)
-    return torch.from_numpy(np.stack(arrays)) if arrays else None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, eval_images: torch.Tensor, accelerator, batch_size: int, autocast: bool = True) -> tuple[dict, torch.Tensor]:
-    """Mean per-image PSNR (over [0, 1] pixels), code usage, perplexity and dead codes on `eval_images`.
-
-    Every process evaluates a strided shard with the same number of batches (padded and masked), then sums are
-    reduced across processes. Returns (metrics, code counts).
-    """
-    from optvq_hf.training import ReconstructionSpread, codebook_statistics, per_image_psnr, to_pixel_values
-
-    spread = ReconstructionSpread()  # dead-run detection: do reconstructions vary across images?
-    was_training = model.training
-    model.eval()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    total = eval_images.shape[0]
-    per_rank = math.ceil(total / world)
-    indices = torch.arange(rank, per_rank * world, world)
-    valid = indices < total
-    indices = torch.where(valid, indices, torch.zeros_like(indices))
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.float64, device=accelerator.device)
-    psnr_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for start in range(0, per_rank, batch_size):
-        index = indices[start:start + batch_size]
-        mask = valid[start:start + batch_size].to(accelerator.device)
-        pixel_values = to_pixel_values(eval_images[index]).to(accelerator.device)
-        with accelerator.autocast() if autocast else torch.autocast("cpu", enabled=False):
-            output = model(pixel_values)
-        psnr = per_image_psnr(output.reconstruction, pixel_values).double()
-        psnr_sum += (psnr * mask).sum()
-        count += mask.sum()
-        spread.update(pixel_values, output.reconstruction, mask)
-        tokens = output.token_ids[mask].reshape(-1)
-        counts += torch.bincount(tokens, minlength=counts.numel()).double()
-    psnr_sum, count = accelerator.reduce(psnr_sum, "sum"), accelerator.reduce(count, "sum")
-    counts = accelerator.reduce(counts, "sum")
-    model.train(was_training)
-    metrics = {"psnr": float(psnr_sum / count.clamp_min(1)), "num_eval_images": int(count)}
-    metrics.update(codebook_statistics(counts.cpu()))
-    spread = spread.reduce_(lambda sums: accelerator.reduce(sums, "sum")).ratio
-    if math.isfinite(spread):  # needs two images or more
-        metrics["reconstruction_spread"] = spread
-    return metrics, counts.cpu()
-
-
-@torch.no_grad()
-def save_validation_pictures(model, eval_images, user_images, counts, output_dir, step, num_images, accelerator):
-    """Reconstruction grid and code-usage histogram PNGs under `output_dir/validation/` (main process only)."""
-    from optvq_hf.training import save_reconstruction_grid, save_usage_histogram, to_pixel_values
-
-    folder = os.path.join(output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    images = eval_images[:num_images]
-    if user_images is not None:
-        images = torch.cat([images, user_images])
-    was_training = model.training
-    model.eval()
-    pixel_values = to_pixel_values(images).to(accelerator.device)
-    reconstruction = model(pixel_values).reconstruction
-    model.train(was_training)
-    scale = max(1, 128 // pixel_values.shape[-1])
-    grid = save_reconstruction_grid(pixel_values, reconstruction, os.path.join(folder, f"grid-{step:06d}.png"), scale)
-    histogram = save_usage_histogram(counts, os.path.join(folder, f"code_usage-{step:06d}.png"),
-                                     title=f"Code usage at step {step}")
-    for path in (grid, histogram):  # stable names for the latest pictures
-        shutil.copyfile(path, os.path.join(output_dir, os.path.basename(path).split("-")[0] + ".png"))
-    return grid, histogram
-
-
-def check_collapse(metrics: dict, counts: torch.Tensor, baseline_psnr: float | None, step: int, log: bool = True):
-    """Dead-run detection on evaluation results: adds the verdict and its numbers to `metrics`, warns if collapsed
-    (when `log`: on the main process)."""
-    from optvq_hf.training import diagnose_collapse
-
-    diagnosis = diagnose_collapse(psnr=metrics.get("psnr"), mean_image_psnr=baseline_psnr,
-                                  reconstruction_spread=metrics.get("reconstruction_spread"), code_counts=counts)
-    metrics.update(diagnosis.to_dict())
-    if diagnosis.collapsed and log:
-        logger.warning("step %d: %s", step, diagnosis.message())
-    return diagnosis
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None):
-    """`accelerator.save_state` into a temporary folder, renamed atomically to `checkpoint-{step}`."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    temporary = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        if total_limit is not None:
-            existing = _checkpoints(output_dir)
-            for old in existing[: max(0, len(existing) - total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_final_model(model, processor, output_dir: str, model_card):
-    """`save_pretrained` of model and processor into a temporary folder, then files moved into `output_dir`."""
-    temporary = os.path.join(output_dir, ".tmp-final-model")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, model_card=model_card)
-    processor.save_pretrained(temporary)
-    for name in os.listdir(temporary):
-        os.replace(os.path.join(temporary, name), os.path.join(output_dir, name))
-    shutil.rmtree(temporary, ignore_errors=True)
-
-
 def training_summary(args, description, total_batch, learning_rate, steps, train_time) -> str:
     """Markdown for the model card's Training section."""
     losses = [f"{args.l1_weight:g} x L1", f"{args.l2_weight:g} x L2"]
@@ -536,111 +329,82 @@ def training_summary(args, description, total_batch, learning_rate, steps, train
     )
 
 
-def push_to_hub(args, output_dir: str) -> str:
-    """Create the repository and upload `output_dir` (without checkpoints and logs). Returns the repo id."""
-    from huggingface_hub import HfApi
+@torch.no_grad()
+def log_validation(model, images, counts, output_dir: str, step: int) -> tuple[str, str]:
+    """Reconstruction grid and code-usage histogram under `output_dir/validation/`, copied to `grid.png` and
+    `code_usage.png` (the latest). Main process only."""
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    pixel_values = to_pixel_values(images).to(model.device)
+    reconstruction = model(pixel_values).reconstruction
+    model.train(was_training)
+    grid = save_reconstruction_grid(pixel_values, reconstruction, os.path.join(folder, f"grid-{step:06d}.png"),
+                                    scale=max(1, 128 // pixel_values.shape[-1]))
+    histogram = save_usage_histogram(counts, os.path.join(folder, f"code_usage-{step:06d}.png"),
+                                     title=f"Code usage at step {step}")
+    for path in (grid, histogram):
+        shutil.copyfile(path, os.path.join(output_dir, os.path.basename(path).split("-")[0] + ".png"))
+    return grid, histogram
 
-    api = HfApi(token=args.hub_token)
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
-    repo_id = api.create_repo(repo_id, private=args.hub_private_repo or None, exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message="Upload OptVQ model trained with run_train.py",
-                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**",
-                                       "validation/**"])
-    return repo_id
+
+def check_collapse(metrics: dict, counts: torch.Tensor, baseline_psnr: float | None, step: int, log: bool = True):
+    """Dead-run detection on evaluation results: adds the verdict and its numbers to `metrics`, warns if collapsed
+    (when `log`: on the main process)."""
+    diagnosis = diagnose_collapse(psnr=metrics.get("psnr"), mean_image_psnr=baseline_psnr,
+                                  reconstruction_spread=metrics.get("reconstruction_spread"), code_counts=counts)
+    metrics.update(diagnosis.to_dict())
+    if diagnosis.collapsed and log:
+        logger.warning("step %d: %s", step, diagnosis.message())
+    return diagnosis
+
+
+def backward_and_step(accelerator, loss, module, optimizer, max_grad_norm: float):
+    """Back-propagate (accumulating), clip the gradients of `module` at the optimizer step, step and zero them."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
-def _set_threads(args, accelerator):
-    if accelerator.device.type != "cpu":
-        return
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator.num_processes else 1))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(1, local)))
-
-
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + step * 1009 + micro * 101 + rank) % (2**63))
-    return generator
-
-
-def initialize_codebook(args, model, loader, accelerator, resolution):
-    """k-means or random encoder features of the first batches (gathered over processes), broadcast from rank 0."""
-    from optvq_hf.training import augment_batch, collate_images, features_to_rows, kmeans, sample_codes, set_codebook
-
-    # A separate, plain DataLoader over this process's data (the prepared one keeps its state for training).
-    dataset = loader.dataset
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        first_pass = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate_images)
-    else:
-        generator = torch.Generator().manual_seed(args.seed + 7919 * (accelerator.process_index + 1))
-        first_pass = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                 drop_last=True, generator=generator, collate_fn=collate_images)
-    rows = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for index, batch in enumerate(first_pass):
-            if index >= args.codebook_init_batches:
-                break
-            pixel_values = augment_batch(batch["images"], resolution, args.random_crop, args.random_flip,
-                                         _step_generator(args.seed, -1, index, accelerator.process_index))
-            latents = model.encode_latents(pixel_values.to(accelerator.device))
-            rows.append(features_to_rows(latents, model.config.num_heads))
-    model.train(was_training)
-    local = torch.cat(rows)
-    features = accelerator.gather(local) if accelerator.num_processes > 1 else local
-    generator = torch.Generator(device=features.device).manual_seed(args.seed)
-    size = model.config.codebook_size
-    if args.codebook_init == "kmeans":
-        if features.shape[0] > 50 * size:
-            features = features[torch.randperm(features.shape[0], generator=generator, device=features.device)[:50 * size]]
-        codes = kmeans(features, size, num_iters=args.codebook_init_iters, generator=generator)
-    else:
-        codes = sample_codes(features, size, generator=generator)
-    set_codebook(model.quantizer, codes)
-    if accelerator.num_processes > 1:
-        for tensor in model.quantizer.parameters():
-            torch.distributed.broadcast(tensor.data, src=0)
-    logger.info("Initialized the codebook (%s) from %d encoder feature rows.", args.codebook_init, features.shape[0])
-
-
 def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     """Train, evaluate, save (and push) an OptVQ model; returns the final metrics (also in `metrics.json`)."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
+    # Accelerate keeps one state per process: a run with other settings than an earlier one here gets a new process.
+    if accelerate_state_conflicts(args.mixed_precision):
+        return run_in_fresh_process(main, args)
+    # The Sinkhorn engine sizes its CPU blocks for how this process's OpenMP threads wait (set before torch loaded);
+    # the setting is the process's, so it is put back for whatever runs after main() in the same process.
+    previous_block_policy = get_block_policy()
+    set_block_policy(sinkhorn_block_policy(args.sinkhorn_block_policy))
+    try:
+        return train(args)
+    finally:
+        set_block_policy(previous_block_policy)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The run itself, top to bottom (see [`main`])."""
+    # The `[train]` extra, imported here so that the `optvq-train` command loads with the core install alone.
+    import datasets
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import ProjectConfiguration, set_seed
+    from datasets.distributed import split_dataset_by_node
     from tqdm.auto import tqdm
 
-    from optvq_hf.sinkhorn import set_block_policy
-    from optvq_hf.training import (
-        EMAModel,
-        OptVQLoss,
-        augment_batch,
-        build_optimizer,
-        build_param_groups,
-        build_scheduler,
-        codebook_statistics,
-        mean_image_psnr,
-        reconstruction_spread,
-        split_weight_decay,
-    )
-
-    # The Sinkhorn engine sizes its CPU blocks for how OpenMP threads wait (set above, before torch was imported).
-    set_block_policy("passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else "active")
+    # ---- accelerator, logging, seed
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    cpu_distributed = not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        cpu=cpu_distributed,
+        cpu=not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
@@ -651,44 +415,85 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    _set_threads(args, accelerator)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(args.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    # ---- model, data, loss
+    # ---- model and processor
     model, processor, resolution = load_model_and_processor(args)
     config = model.config
-    loader, eval_images, description, data_info = build_data(args, accelerator, processor, resolution)
-    user_images = load_user_images(args.validation_images, processor, resolution)
+
+    # ---- data: the training split (decoded and resized once when it fits) and a small evaluation set in memory
+    with accelerator.main_process_first():
+        if args.dataset_name is None and args.train_data_dir is None:
+            raw = build_demo_dataset(num_train=args.demo_num_images, num_test=max(64, args.num_validation_images),
+                                     resolution=resolution, seed=0)
+            description = "demo (random crops of scikit-image's bundled photos)"
+        else:
+            raw = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
+                                     streaming=args.streaming, cache_dir=args.cache_dir, token=args.hub_token)
+            description = args.dataset_name or args.train_data_dir
+    train_split, eval_split = split_train_and_eval(raw, args.train_split, args.validation_split,
+                                                   args.validation_split_percentage, args.max_eval_samples, args.seed)
+    image_column = find_image_column(train_split.features, args.image_column)
+    center_crops = ImagePreprocessor(processor, resolution, center_crop=True)
+    eval_images, skipped_eval = decode_image_column(eval_split, image_column, center_crops)
+    if eval_images is None:
+        raise ValueError("No readable image in the evaluation set.")
     # What a model that ignores its input scores: the bar a trained model must clearly clear (dead-run detection).
     baseline_psnr = mean_image_psnr(eval_images) if eval_images.shape[0] > 1 else None
-    loss_module = OptVQLoss(
+    user_images, unreadable = decode_images(args.validation_images or [], center_crops)
+    for index in unreadable:
+        logger.warning("Skipping unreadable validation image %s", args.validation_images[index])
+    grid_images = eval_images[: args.num_validation_images]
+    if user_images is not None:
+        grid_images = torch.cat([grid_images, user_images])
+
+    streaming = isinstance(train_split, datasets.IterableDataset)
+    if streaming:
+        train_split = train_split.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        if accelerator.num_processes > 1:
+            train_split = split_dataset_by_node(train_split, accelerator.process_index, accelerator.num_processes)
+    elif args.max_train_samples is not None:
+        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+    with accelerator.main_process_first():
+        train_dataset, skipped_train = build_image_dataset(
+            train_split, image_column, ImagePreprocessor(processor, resolution), cache=args.cache_preprocessed,
+            num_proc=args.preprocessing_num_workers)
+    if not streaming and len(train_dataset) < args.train_batch_size * accelerator.num_processes:
+        raise ValueError(f"The training set has {len(train_dataset)} readable images, fewer than one global batch "
+                         f"({args.train_batch_size} x {accelerator.num_processes} processes).")
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=not streaming, drop_last=True,
+        collate_fn=collate_images, num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0 and not streaming)
+    if not streaming:  # a streamed dataset is already split between processes
+        train_dataloader = accelerator.prepare(train_dataloader)
+
+    # ---- loss, optimizers, schedulers
+    loss_fn = OptVQLoss(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, perceptual_weight=args.perceptual_weight,
         perceptual_model=args.perceptual_model, quantization_weight=args.quantization_weight,
         gan_weight=args.gan_weight, disc_weight=args.disc_weight, disc_start=args.disc_start,
         disc_in_channels=config.out_channels, disc_num_layers=args.disc_num_layers,
         disc_base_channels=args.disc_base_channels, disc_loss=args.disc_loss,
     ).to(accelerator.device)
-
-    # ---- optimization
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch if args.scale_lr else args.learning_rate
     optimizer = build_optimizer(build_param_groups(model, learning_rate, args.weight_decay, args.codebook_lr_multiplier),
                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if data_info["streaming"]:
-        steps_per_epoch = None
-        max_train_steps = args.max_train_steps
-        num_epochs = 10**9
+    if streaming:
+        steps_per_epoch, max_train_steps, num_epochs = None, args.max_train_steps, 10**9
     else:
-        steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup = args.lr_warmup_steps
-    scheduler = build_scheduler(args.lr_scheduler, optimizer, max_train_steps, warmup, args.lr_warmup_ratio)
-    discriminator = loss_module.discriminator
-    disc_optimizer = disc_scheduler = None
+    scheduler = build_scheduler(args.lr_scheduler, optimizer, max_train_steps, args.lr_warmup_steps,
+                                args.lr_warmup_ratio)
+    discriminator, disc_optimizer, disc_scheduler = loss_fn.discriminator, None, None
     if discriminator is not None:
         disc_lr = (args.disc_learning_rate or args.learning_rate) * (total_batch if args.scale_lr else 1)
         decayed, not_decayed = split_weight_decay([discriminator])
@@ -696,42 +501,43 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             [{"params": decayed, "lr": disc_lr, "weight_decay": args.weight_decay},
              {"params": not_decayed, "lr": disc_lr, "weight_decay": 0.0}],
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        disc_scheduler = build_scheduler(args.lr_scheduler, disc_optimizer, max_train_steps, warmup,
+        disc_scheduler = build_scheduler(args.lr_scheduler, disc_optimizer, max_train_steps, args.lr_warmup_steps,
                                          args.lr_warmup_ratio)
 
+    # ---- prepare; schedulers are stepped by hand once per optimizer step (not once per process, as prepared ones)
     if discriminator is not None:
         model, optimizer, discriminator, disc_optimizer = accelerator.prepare(model, optimizer, discriminator,
                                                                               disc_optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    # Schedulers are stepped by hand once per optimizer step (not `num_processes` times as a prepared one would).
-    accelerator.register_for_checkpointing(scheduler)
-    if disc_scheduler is not None:
-        accelerator.register_for_checkpointing(disc_scheduler)
+    for schedule in (scheduler, disc_scheduler):
+        if schedule is not None:
+            accelerator.register_for_checkpointing(schedule)
     unwrapped = accelerator.unwrap_model(model)
     bare_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
 
-    # ---- resume or initialize
-    global_step = 0
-    resume_path = None
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            existing = _checkpoints(output_dir)
-            resume_path = existing[-1] if existing else None
-            if resume_path is None:
-                logger.info("No checkpoint in %s: starting from scratch.", output_dir)
-        else:
-            resume_path = args.resume_from_checkpoint
-            if not os.path.isdir(resume_path):
-                raise ValueError(f"`--resume_from_checkpoint` {resume_path!r} is not a folder.")
+    # ---- resume, or initialize the codebook from encoder features of the first batches
+    resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.info("No checkpoint in %s: starting from scratch.", output_dir)
     if resume_path is None and args.codebook_init != "none":
-        initialize_codebook(args, unwrapped, loader, accelerator, resolution)
+        first_pass = torch.utils.data.DataLoader(  # this process's data, apart from the prepared loader's state
+            train_dataset, batch_size=args.train_batch_size, collate_fn=collate_images,
+            **({} if streaming else dict(shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(
+                args.seed + 7919 * (accelerator.process_index + 1)))))
+        batches = (augment_batch(batch["images"], resolution, args.random_crop, args.random_flip,
+                                 augmentation_generator(args.seed, -1, index, accelerator.process_index))
+                   for index, batch in zip(range(args.codebook_init_batches), first_pass))
+        rows = initialize_codebook(unwrapped, batches, args.codebook_init, num_iters=args.codebook_init_iters,
+                                   seed=args.seed)
+        logger.info("Initialized the codebook (%s) from %d encoder feature rows.", args.codebook_init, rows)
     ema = EMAModel(unwrapped, decay=args.ema_decay) if args.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    global_step = 0
     if resume_path is not None:
         accelerator.load_state(resume_path)
-        global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[-1])
+        global_step = checkpoint_step(resume_path)
         logger.info("Resumed from %s at step %d.", resume_path, global_step)
 
     if accelerator.is_main_process and report_to:
@@ -742,7 +548,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     logger.info("  model: %s (%s, %d parameters)", args.model_config_name_or_path, config.quantizer_type,
                 unwrapped.num_parameters())
     logger.info("  data: %s, %s training images, %d evaluation images, %d+%d unreadable skipped", description,
-                data_info["train_size"], eval_images.shape[0], data_info["skipped_train"], data_info["skipped_eval"])
+                None if streaming else len(train_dataset), eval_images.shape[0], skipped_train, skipped_eval)
     logger.info("  batch %d per device x %d processes x %d accumulation = %d; lr %.3g; %d steps", args.train_batch_size,
                 accelerator.num_processes, args.gradient_accumulation_steps, total_batch, learning_rate,
                 max_train_steps)
@@ -750,70 +556,57 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         logger.info("  predicting the mean evaluation image scores PSNR %.2f dB (a trained model must beat it)",
                     baseline_psnr)
 
+    # ---- training loop
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
+    loss_means = RunningMeans()  # every loss term the loss reports, averaged over the logging window and processes
     window_counts = torch.zeros(config.codebook_size, device=accelerator.device)
-    window_loss = torch.zeros(5, device=accelerator.device)  # loss, l1, l2, quant, batches
     skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
-    steps_this_run = 0
-    start_time = time.perf_counter()
-    first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
-    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else \
-        global_step * args.gradient_accumulation_steps
-    micro = 0
-    last_metrics: dict = {}
+    steps_this_run, micro_step, last_metrics, stopped_early = 0, 0, {}, False
     postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
-    stopped_early = False
+    first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
+    resume_batches = args.gradient_accumulation_steps * (global_step % steps_per_epoch if steps_per_epoch else
+                                                         global_step)
+    start_time = time.perf_counter()
     model.train()
     for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        elif hasattr(loader, "dataset") and hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        epoch_loader = loader
+        for source in (train_dataloader, getattr(train_dataloader, "dataset", None)):
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(epoch)
+                break
+        epoch_batches = train_dataloader
         if resume_batches and epoch == first_epoch:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_batches) if steps_per_epoch else \
-                _skip(loader, resume_batches)
-        for batch in epoch_loader:
+            epoch_batches = (itertools.islice(train_dataloader, resume_batches, None) if streaming else
+                             accelerator.skip_first_batches(train_dataloader, resume_batches))
+        for batch in epoch_batches:
             skipped_on_the_fly += int(batch["num_skipped"])
-            generator = _step_generator(args.seed, global_step, micro % args.gradient_accumulation_steps,
-                                        accelerator.process_index)
+            generator = augmentation_generator(args.seed, global_step, micro_step % args.gradient_accumulation_steps,
+                                               accelerator.process_index)
             pixel_values = augment_batch(batch["images"], resolution, args.random_crop, args.random_flip, generator)
             pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
-            micro += 1
-            gan_on = loss_module.gan_active(global_step)
+            micro_step += 1
+            gan_on = loss_fn.gan_active(global_step)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     output = model(pixel_values)
-                if bare_discriminator is not None:
+                if bare_discriminator is not None:  # frozen while it scores the generator
                     bare_discriminator.requires_grad_(False)
-                losses = loss_module.generator_loss(
+                losses = loss_fn.generator_loss(
                     pixel_values, output.reconstruction, output.quantization_loss, global_step,
                     last_layer_weight=unwrapped.get_last_layer_weight() if gan_on else None,
                     discriminator=bare_discriminator)
                 if bare_discriminator is not None:
                     bare_discriminator.requires_grad_(True)
-                accelerator.backward(losses.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, losses.loss, model, optimizer, args.max_grad_norm)
+            loss_means.add(loss_fn.log_terms(losses, global_step))
             if gan_on:
                 with accelerator.accumulate(discriminator):
                     with accelerator.autocast():
-                        d_losses = loss_module.discriminator_loss(pixel_values, output.reconstruction, global_step,
-                                                                  discriminator=discriminator)
-                    accelerator.backward(d_losses.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                window_counts += output.code_counts.to(window_counts.device)
-                window_loss += torch.stack([losses.loss.detach(), losses.l1, losses.l2, losses.quantization,
-                                            torch.ones((), device=window_loss.device)]).to(window_loss.device)
+                        d_losses = loss_fn.discriminator_loss(pixel_values, output.reconstruction, global_step,
+                                                              discriminator=discriminator)
+                    backward_and_step(accelerator, d_losses.loss, discriminator, disc_optimizer, args.max_grad_norm)
+                loss_means.add(loss_fn.log_terms(d_losses, global_step))
+            window_counts += output.code_counts.detach().to(window_counts.device)
             if not accelerator.sync_gradients:
                 continue
 
@@ -830,42 +623,35 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             progress.update(1)
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                totals = accelerator.reduce(window_loss.clone(), "sum")
-                counts = accelerator.reduce(window_counts.clone(), "sum")
-                stats = codebook_statistics(counts.cpu())
-                batches = float(totals[4].clamp_min(1))
-                logs = {"train/loss": float(totals[0]) / batches, "train/l1": float(totals[1]) / batches,
-                        "train/l2": float(totals[2]) / batches, "train/quantization": float(totals[3]) / batches,
-                        "train/codebook_usage": stats["codebook_usage"], "train/perplexity": stats["perplexity"],
-                        "train/dead_codes": stats["dead_codes"], "train/lr": scheduler.get_last_lr()[0],
-                        "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
-                        "train/skipped_images": data_info["skipped_train"] + skipped_on_the_fly}
-                if gan_on:
-                    logs.update({"train/generator": float(losses.generator), "train/generator_weight":
-                                 float(losses.generator_weight), "train/discriminator": float(d_losses.discriminator)})
-                postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * stats['codebook_usage']:.1f}%",
+                usage = codebook_statistics(accelerator.reduce(window_counts, "sum"))
+                logs = {f"train/{name}": value for name, value in loss_means.compute().items()}
+                logs.update({f"train/{key}": usage[key] for key in ("codebook_usage", "perplexity", "dead_codes")})
+                logs.update({"train/lr": scheduler.get_last_lr()[0],
+                             "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
+                             "train/skipped_images": skipped_train + skipped_on_the_fly})
+                postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * usage['codebook_usage']:.1f}%",
                            "spread": f"{logs['train/reconstruction_spread']:.2f}"}
                 progress.set_postfix(**postfix, **health)
                 accelerator.log(logs, step=global_step)
+                loss_means.reset()
                 window_counts.zero_()
-                window_loss.zero_()
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
 
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
-                metrics, counts = evaluate(unwrapped, eval_images, accelerator, args.eval_batch_size)
-                diagnosis = check_collapse(metrics, counts, baseline_psnr, global_step, accelerator.is_main_process)
-                health = {"eval": "COLLAPSED" if diagnosis.collapsed else f"{metrics['psnr']:.1f}dB"}
+                last_metrics, counts = evaluate_reconstruction(unwrapped, eval_images, args.eval_batch_size,
+                                                               autocast=accelerator.autocast)
+                diagnosis = check_collapse(last_metrics, counts, baseline_psnr, global_step,
+                                           accelerator.is_main_process)
+                health = {"eval": "COLLAPSED" if diagnosis.collapsed else f"{last_metrics['psnr']:.1f}dB"}
                 progress.set_postfix(**postfix, **health)
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                accelerator.log({f"eval/{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))},
                                 step=global_step)
                 if accelerator.is_main_process:
-                    save_validation_pictures(unwrapped, eval_images, user_images, counts, output_dir, global_step,
-                                             args.num_validation_images, accelerator)
-                    logger.info("step %d: eval PSNR %.2f dB, usage %.1f%%", global_step, metrics["psnr"],
-                                100 * metrics["codebook_usage"])
-                last_metrics = metrics
+                    log_validation(unwrapped, grid_images, counts, output_dir, global_step)
+                    logger.info("step %d: eval PSNR %.2f dB, usage %.1f%%", global_step, last_metrics["psnr"],
+                                100 * last_metrics["codebook_usage"])
 
             if args.stop_after_steps and steps_this_run >= args.stop_after_steps and global_step < max_train_steps:
                 if not (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
@@ -880,8 +666,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if stopped_early:
         logger.info("Stopped after %d steps of this run (step %d of %d); resume with --resume_from_checkpoint latest.",
                     steps_this_run, global_step, max_train_steps)
-        accelerator.end_training()
-        _release_accelerate_state(accelerator)
+        end_training(accelerator)
         return {"stopped_at_step": global_step}
 
     # ---- final evaluation, save, push
@@ -889,8 +674,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         ema.copy_to(unwrapped)
     metrics, final_counts = {}, None
     if not args.skip_final_eval:
-        metrics, final_counts = evaluate(unwrapped, eval_images, accelerator, args.eval_batch_size)
+        metrics, final_counts = evaluate_reconstruction(unwrapped, eval_images, args.eval_batch_size,
+                                                        autocast=accelerator.autocast)
         check_collapse(metrics, final_counts, baseline_psnr, global_step, accelerator.is_main_process)
+    skipped_on_the_fly = int(accelerator.reduce(torch.tensor(skipped_on_the_fly, device=accelerator.device), "sum"))
     metrics.update({
         "global_step": global_step,
         "steps_this_run": steps_this_run,
@@ -899,20 +686,17 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         "total_batch_size": total_batch,
         "learning_rate": learning_rate,
         "num_processes": accelerator.num_processes,
-        "skipped_train_images": data_info["skipped_train"] + int(
-            accelerator.reduce(torch.tensor(skipped_on_the_fly, device=accelerator.device), "sum")),
-        "skipped_eval_images": data_info["skipped_eval"],
+        "skipped_train_images": skipped_train + skipped_on_the_fly,
+        "skipped_eval_images": skipped_eval,
         "dataset": description,
         "model": args.model_config_name_or_path,
         "quantizer_type": config.quantizer_type,
     })
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from optvq_hf.model_card import build_model_card
-
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
         card = build_model_card(
-            config, repo_id=args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-            num_parameters=unwrapped.num_parameters(),
+            config, repo_id=repo_id, num_parameters=unwrapped.num_parameters(),
             training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time)
             + ("\n**Warning: this run collapsed** (its reconstructions do not depend on its inputs): "
                + " ".join(metrics["collapse_reasons"]) + "\n" if metrics.get("collapsed") else ""),
@@ -921,14 +705,19 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         )
         save_final_model(unwrapped, processor, output_dir, card)
         if not args.skip_final_eval:
-            save_validation_pictures(unwrapped, eval_images, user_images, final_counts, output_dir, global_step,
-                                     args.num_validation_images, accelerator)
+            log_validation(unwrapped, grid_images, final_counts, output_dir, global_step)
             metrics["grid"] = os.path.join(output_dir, "grid.png")
             metrics["code_usage_histogram"] = os.path.join(output_dir, "code_usage.png")
         with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
             json.dump(metrics, handle, indent=2)
         if args.push_to_hub:
-            metrics["hub_repo_id"] = push_to_hub(args, output_dir)
+            api = HfApi(token=args.hub_token)
+            repo_id = api.create_repo(repo_id, private=args.hub_private_repo or None, exist_ok=True).repo_id
+            api.upload_folder(repo_id=repo_id, folder_path=output_dir,
+                              commit_message="Upload OptVQ model trained with run_train.py",
+                              ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**",
+                                               "validation/**"])
+            metrics["hub_repo_id"] = repo_id
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
         if metrics.get("collapsed"):
             logger.error("The final model COLLAPSED: %s", " ".join(metrics["collapse_reasons"]))
@@ -937,8 +726,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if report_to:
         accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    _release_accelerate_state(accelerator)
+    end_training(accelerator)
     return metrics
 
 
@@ -958,8 +746,6 @@ def is_demo_setting(args: argparse.Namespace) -> bool:
 
 def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | None, demo: bool = False) -> str:
     """The text printed at the end of training: the verdict, what the numbers mean, and which files to open."""
-    from optvq_hf.quantization import get_quantizer_class
-
     label = get_quantizer_class(config.quantizer_type).display_name
     where = os.path.abspath(output_dir)
     steps, train_time = metrics["global_step"], metrics["train_time_s"]
@@ -1002,8 +788,8 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
                   "little blurred.",
                   "      Collapsed: every reconstruction the same flat (often grey) square.",
                   f"  {os.path.abspath(metrics['code_usage_histogram'])}",
-                  "      tokens per code, most used first: a long, gently falling curve is good; a few tall bars mean "
-                  "few codes in use."]
+                  "      tokens per code (left) and most used first (right): a long, gently falling curve is good; a "
+                  "few tall bars mean few codes in use."]
     lines += [f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
               f"{json.dumps(metrics.get('collapsed'))})",
               f"  {where}    the model: OptVQModel.from_pretrained({where!r})"]
@@ -1012,22 +798,11 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
     return "\n".join(lines)
 
 
-def _release_accelerate_state(accelerator):
-    """Let a later `main()` in the same (single) process choose other Accelerate settings (e.g. mixed precision);
-    with several processes, shut the process group down (exiting with a live gloo group can hang at exit)."""
-    if accelerator.num_processes == 1:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    else:
-        accelerator.state.destroy_process_group()
-
-
-def _skip(loader, count):
-    for index, batch in enumerate(loader):
-        if index >= count:
-            yield batch
+def end_training(accelerator):
+    """Close the trackers and, with several processes, the process group (a live gloo group can hang at exit)."""
+    accelerator.end_training()  # also destroys the process group in recent Accelerate versions
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 COLLAPSE_EXIT_CODE = 3

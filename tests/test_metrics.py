@@ -118,6 +118,31 @@ def test_codebook_statistics_against_a_histogram():
         metrics.load("codebook_usage")
 
 
+def test_one_definition_of_the_codebook_statistics():
+    """Training, evaluation and the three token modules share one histogram statistic; an empty histogram has
+    perplexity 0 (perplexity never exceeds the number of codes used)."""
+    import optvq_hf.training
+
+    assert optvq_hf.training.codebook_statistics is functional.codebook_statistics
+    empty = functional.codebook_statistics(np.zeros(8, dtype=np.int64))
+    assert empty == {"codebook_usage": 0.0, "perplexity": 0.0, "dead_codes": 8, "used_codes": 0, "num_tokens": 0}
+    counts = [2, 1, 1, 0, 0, 4, 0, 0]
+    expected = functional.codebook_statistics(np.array(counts))
+    for same in (torch.tensor(counts), torch.tensor(counts, dtype=torch.float32) + 1e-3, counts):
+        assert functional.codebook_statistics(same) == expected  # float sums (reduced across processes) round
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        histogram = rng.integers(0, 3, size=16) * rng.integers(0, 2, size=16)
+        stats = functional.codebook_statistics(histogram)
+        assert stats["perplexity"] <= stats["used_codes"] + 1e-9
+        assert (stats["perplexity"] >= 1.0) == (stats["num_tokens"] > 0)
+    tokens = torch.tensor([[0, 0, 1, 5], [5, 5, 5, 2]])
+    results = [metrics.load(name, codebook_size=8).compute(predictions=tokens)
+               for name in ("codebook_usage", "perplexity", "dead_codes")]
+    assert results[0] == results[1] == results[2]
+    assert {k: results[0][k] for k in expected} == expected
+
+
 def _tiny_lpips(seed=0):
     torch.manual_seed(seed)
     network = LPIPSNetwork(stages=[[4], [6, 6]], in_channels=3)
@@ -169,6 +194,67 @@ def test_lpips_original_state_dict_layout():
     loaded = LPIPSNetwork.from_original_state_dicts(vgg, lins)
     assert torch.equal(loaded.lins[3].weight, lins["lin3.model.1.weight"])
     assert loaded.tap_indices == [3, 8, 15, 22, 29]  # torchvision vgg16 relu1_2 ... relu5_3
+
+
+def test_lpips_is_one_network_that_reads_both_weight_formats(tmp_path, monkeypatch):
+    """The metric's LPIPSNetwork and the training loss's LPIPS are one network with one weight format; the earlier
+    metrics format (heads `lins.{k}.weight`) and the training loss's single `lpips_vgg.safetensors` convert at load
+    and give the same distances, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from optvq_hf.training import LPIPS, LPIPS_WEIGHTS_NAME
+
+    assert issubclass(LPIPS, LPIPSNetwork) and LPIPS_WEIGHTS_NAME == metrics.LPIPS_WEIGHTS_NAME
+    network = _tiny_lpips(seed=3)
+    predictions, references = _pair(seed=6, shape=(3, 3, 16, 16))
+    with torch.no_grad():
+        expected = network(predictions, references)
+
+    network.save_pretrained(tmp_path / "native")
+    assert set(load_file(str(tmp_path / "native" / "model.safetensors"))) == set(network.state_dict())
+    assert "lin1.model.1.weight" in network.state_dict() and not any(k.startswith("lins.") for k in network.state_dict())
+
+    # The earlier metrics format: the same folder layout, heads named lins.{k}.weight.
+    old = tmp_path / "old-format"
+    old.mkdir()
+    (old / "config.json").write_text((tmp_path / "native" / "config.json").read_text())
+    old_state = {(f"lins.{k[3]}.weight" if k.startswith("lin") else k): v.contiguous()
+                 for k, v in network.state_dict().items()}
+    assert "lins.1.weight" in old_state
+    save_file(old_state, str(old / "model.safetensors"))
+    for loaded in (LPIPSNetwork.from_pretrained(str(old)), LPIPS.from_pretrained(str(old), filename=None)):
+        with torch.no_grad():
+            assert torch.equal(loaded(predictions, references), expected)
+        assert all(not p.requires_grad for p in loaded.parameters())
+    result = metrics.load("lpips", network=str(old)).compute(predictions=predictions, references=references)
+    assert result["lpips"] == pytest.approx(float(expected.double().mean()), rel=1e-5)
+
+    # The training loss's format: one lpips_vgg.safetensors, VGG16 layout, no config.json.
+    torch.manual_seed(0)
+    vgg = LPIPS()
+    save_file({k: v.contiguous() for k, v in vgg.state_dict().items()}, str(tmp_path / LPIPS_WEIGHTS_NAME))
+    images, targets = _pair(seed=7, shape=(2, 3, 32, 32))
+    with torch.no_grad():
+        reference = vgg(images, targets)
+        for loaded in (LPIPSNetwork.from_pretrained(str(tmp_path / LPIPS_WEIGHTS_NAME)),
+                       LPIPSNetwork.from_pretrained(str(tmp_path), filename=LPIPS_WEIGHTS_NAME)):
+            assert type(loaded) is LPIPSNetwork and torch.equal(loaded(images, targets), reference)
+
+    # A Hub repository holding only lpips_vgg.safetensors (no network: the download is intercepted).
+    from huggingface_hub.errors import EntryNotFoundError
+
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append(filename)
+        if filename != LPIPS_WEIGHTS_NAME:
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / LPIPS_WEIGHTS_NAME)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    with torch.no_grad():
+        assert torch.equal(LPIPSNetwork.from_pretrained("someone/lpips-vgg")(images, targets), reference)
+    assert requested == ["model.safetensors", LPIPS_WEIGHTS_NAME]
 
 
 def _reference_fid(real, fake):

@@ -106,3 +106,30 @@ def test_argument_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="split"):
         run_eval.main(["--model", model_dir, "--dataset_name", data_dir, "--split", "validation",
                        "--output_dir", str(tmp_path / "o")])
+
+
+def test_the_training_data_path_streaming_one_file_and_unreadable_images(setup, tmp_path):
+    """run_eval reads data through optvq_hf.training's loader: one parquet file is the requested split, streaming
+    gives the same numbers, and an unreadable image is skipped and counted instead of failing the run."""
+    import datasets
+
+    run_eval, model_dir, data_dir, _ = setup
+    split = datasets.load_dataset("parquet", data_files=os.path.join(data_dir, "*.parquet"), split="train")
+    rows = split.cast_column("image", datasets.Image(decode=False)).to_list()
+    rows.insert(3, {"image": {"bytes": b"this is not an image", "path": None}, "label": -1})
+    single_file = tmp_path / "with-corrupt.parquet"
+    datasets.Dataset.from_list(rows, features=split.features).to_parquet(str(single_file))
+
+    common = ["--model", model_dir, "--split", "test", "--metrics", "psnr,usage", "--no_model_card",
+              "--batch_size", "4"]
+    clean = run_eval.main([*common, "--dataset_name", data_dir, "--output_dir", str(tmp_path / "clean")])
+    assert clean["num_samples"] == 10 and clean["skipped_images"] == 0
+    for extra in ([], ["--streaming"]):
+        out = tmp_path / f"file{len(extra)}"
+        result = run_eval.main([*common, "--dataset_name", str(single_file), "--output_dir", str(out), *extra])
+        assert result["num_samples"] == 10 and result["skipped_images"] == 1
+        assert result["psnr"] == clean["psnr"] and result["perplexity"] == clean["perplexity"]
+        assert np.array_equal(np.load(out / "code_counts.npy"), np.load(tmp_path / "clean" / "code_counts.npy"))
+    limited = run_eval.main([*common, "--dataset_name", str(single_file), "--output_dir", str(tmp_path / "lim"),
+                             "--streaming", "--max_eval_samples", "5"])
+    assert limited["num_samples"] == 4 and limited["skipped_images"] == 1

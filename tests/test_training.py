@@ -62,6 +62,29 @@ def test_reconstruction_and_quantization_terms_match_hand_computation():
     assert out.generator.item() == 0.0
 
 
+def test_log_terms_name_every_term_in_use():
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
+    plain = OptVQLoss(l2_weight=0.0)
+    out = plain.generator_loss(x, y, torch.tensor(0.25))
+    terms = plain.log_terms(out)
+    assert set(terms) == {"loss", "l1", "quantization"}  # a zero-weight term is not logged
+    assert terms["loss"].item() == out.loss.item() and not terms["loss"].requires_grad
+    model = OptVQModel(OptVQConfig.from_preset("optvq-mnist", codebook_size=16, base_channels=8, latent_channels=8))
+    full = OptVQLoss(perceptual_weight=1.0, perceptual_model=LPIPS(), gan_weight=0.5, disc_start=1,
+                     disc_in_channels=1, disc_num_layers=2, disc_base_channels=8)
+    pixels = torch.rand(2, 1, 32, 32) * 2 - 1
+    output = model(pixels)
+    before = full.generator_loss(pixels, output.reconstruction, output.quantization_loss, 0)
+    assert set(full.log_terms(before, 0)) == {"loss", "l1", "l2", "perceptual", "quantization"}
+    after = full.generator_loss(pixels, output.reconstruction, output.quantization_loss, 1,
+                                last_layer_weight=model.get_last_layer_weight())
+    assert set(full.log_terms(after, 1)) == {"loss", "l1", "l2", "perceptual", "quantization", "generator",
+                                             "generator_weight"}
+    d_out = full.discriminator_loss(pixels, output.reconstruction, 1)
+    assert full.log_terms(d_out, 1) == {"discriminator": d_out.discriminator}
+
+
 def test_perceptual_weight_requires_weights_and_bad_values_raise():
     with pytest.raises(ValueError, match="perceptual_model"):
         OptVQLoss(perceptual_weight=1.0)
@@ -433,6 +456,7 @@ def test_script_with_lpips_gan_ema_accumulation_and_streaming(tiny_data, tmp_pat
 
     scalars = EventAccumulator(events[0]).Reload().Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "train/codebook_usage", "train/perplexity", "train/dead_codes",
+                "train/l1", "train/l2", "train/perceptual", "train/quantization", "train/generator",
                 "train/discriminator", "train/generator_weight", "final/psnr"):
         assert tag in scalars, (tag, scalars)
     from PIL import Image
@@ -447,10 +471,19 @@ def test_main_can_be_called_again_with_other_accelerate_settings(tiny_data, tmp_
     """benchmarks call main() several times in one process: the Accelerate state must not stick between runs."""
     import run_train
 
+    from accelerate.state import AcceleratorState
+
+    from optvq_hf.training import accelerate_state_conflicts
+
     run_train.main(tiny_args(tiny_data, str(tmp_path / "a"), "--max_train_steps", "1", "--skip_final_eval"))
+    # Accelerate's state stays for the process and has no public reset: bf16 needs (and gets) a fresh process.
+    assert accelerate_state_conflicts("bf16") and not accelerate_state_conflicts("no")
     metrics = run_train.main(tiny_args(tiny_data, str(tmp_path / "b"), "--max_train_steps", "1",
                                        "--mixed_precision", "bf16"))
     assert metrics["global_step"] == 1 and np.isfinite(metrics["psnr"])
+    assert AcceleratorState().mixed_precision == "no"  # this process's state is untouched
+    again = run_train.main(tiny_args(tiny_data, str(tmp_path / "c"), "--max_train_steps", "1"))  # same settings
+    assert again["global_step"] == 1
 
 
 def test_random_codebook_init_uses_encoder_features_of_the_training_images(tiny_data, tmp_path):
@@ -477,3 +510,58 @@ def test_random_codebook_init_uses_encoder_features_of_the_training_images(tiny_
     untouched = OptVQModel(model.config).get_codebook()  # a freshly initialized codebook is nowhere near them
     assert torch.cdist(untouched, rows).min(dim=1).values.median() > 1e-2
     assert len({tuple(c) for c in codebook.tolist()}) > 16  # and they are (mostly) distinct rows
+
+
+def test_training_docs_snippets_run(tmp_path, monkeypatch):
+    """Every ```python block of docs/training.md runs as written (the ```py one needs torchvision and lpips)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(re.findall(r"^```py\n", text, re.M)) == 1
+    monkeypatch.chdir(tmp_path)
+    spaces = []
+    for block in blocks:
+        spaces.append({"__name__": "__docs__"})
+        exec(compile(block, "<docs/training.md>", "exec"), spaces[-1])
+    [loop] = [space for space in spaces if "loss_means" in space]
+    [data] = [space for space in spaces if "train_dataset" in space]
+    [script] = [space for space in spaces if "run_train" in space]
+    assert loop["rows"] > 64 and set(loop["loss_means"].compute()) == {"loss", "l1", "l2", "quantization"}
+    assert loop["metrics"]["num_eval_images"] == 16 and np.isfinite(loop["metrics"]["psnr"])
+    assert len(data["train_dataset"]) == 64 and tuple(data["eval_images"].shape) == (8, 3, 32, 32)
+    assert script["metrics"]["global_step"] == 2 and os.path.isfile(tmp_path / "tiny-demo" / "model.safetensors")
+
+
+def test_block_policy_is_explicit_and_not_left_behind(tiny_data, tmp_path, monkeypatch):
+    """run_train passes the Sinkhorn block policy explicitly and puts the process's setting back afterwards."""
+    import run_train
+
+    from optvq_hf import sinkhorn
+
+    assert run_train.sinkhorn_block_policy("active") == "active"
+    assert run_train.sinkhorn_block_policy("auto") == ("passive" if os.environ.get("OMP_WAIT_POLICY", "").upper()
+                                                       == "PASSIVE" else "active")
+    seen = []
+    monkeypatch.setattr(run_train, "set_block_policy", lambda policy: (seen.append(policy),
+                                                                        sinkhorn.set_block_policy(policy)))
+    before = sinkhorn.get_block_policy()
+    run_train.main(tiny_args(tiny_data, str(tmp_path / "p"), "--max_train_steps", "1", "--skip_final_eval",
+                             "--sinkhorn_block_policy", "passive"))
+    assert seen == ["passive", before] and sinkhorn.get_block_policy() == before
+
+
+def test_the_console_commands_load_with_the_core_install_alone():
+    """The package check loads every console command with no extra installed: the scripts import the `[train]` /
+    `[eval]` packages only when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('datasets', 'accelerate', 'evaluate', 'matplotlib', 'scipy', 'skimage', 'tensorboard'):\n"
+            "    sys.modules[name] = None  # not installed\n"
+            "import optvq_hf_examples.run_train as train, optvq_hf_examples.run_eval as evaluation\n"
+            "assert callable(train.cli) and callable(evaluation.cli)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]

@@ -11,6 +11,10 @@ Each metric is a folder next to this file (`psnr/psnr.py`, ...), so it loads wit
 
 Metrics: `psnr`, `ssim`, `lpips` (needs `network=`), `rfid` (needs `feature_extractor=`), and the codebook metrics
 `codebook_usage`, `perplexity`, `dead_codes` (need `codebook_size=`). See `docs/evaluation.md`.
+
+This package is the one metrics stack of the project: the `evaluate` modules, `examples/run_eval.py` and the training
+loop ([`optvq_hf.training`]) all compute PSNR, SSIM, LPIPS, rFID and the codebook statistics with the functions
+below, and write their pictures with [`save_reconstruction_grid`] and [`save_usage_histogram`].
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from .functional import (
     per_image_ssim,
     to_unit_images,
 )
-from .networks import ImageFeatureExtractor, LPIPSNetwork, load_feature_extractor
+from .networks import LPIPS_WEIGHTS_NAME, ImageFeatureExtractor, LPIPSNetwork, load_feature_extractor
+from .pictures import save_reconstruction_grid, save_usage_histogram
 
 METRICS_DIR = os.path.dirname(os.path.abspath(__file__))
 AVAILABLE_METRICS = ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "dead_codes")
@@ -44,7 +49,10 @@ __all__ = [
     "to_unit_images",
     "ImageFeatureExtractor",
     "LPIPSNetwork",
+    "LPIPS_WEIGHTS_NAME",
     "load_feature_extractor",
+    "save_reconstruction_grid",
+    "save_usage_histogram",
 ]
 
 

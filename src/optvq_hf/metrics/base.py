@@ -18,9 +18,30 @@ import evaluate
 import numpy as np
 import torch
 
-from .functional import to_unit_images
+from ..validation import check_token_ids
+from .functional import code_histogram, codebook_statistics, to_unit_images
 
-__all__ = ["PerImageMetric"]
+__all__ = ["PerImageMetric", "NetworkImageMetric", "TokenMetric", "TOKEN_INPUTS_DESCRIPTION", "IMAGE_PAIR_ARGS",
+           "NETWORK_INIT_ARGS"]
+
+# Pieces of the modules' `inputs_description`.
+IMAGE_PAIR_ARGS = """Args:
+    predictions: reconstructions, `(B, C, H, W)` or `(B, H, W)`, floats in `input_range` (default [-1, 1]) or uint8.
+    references: originals, same shape.
+"""
+NETWORK_INIT_ARGS = """    device: where the network runs (default "cpu").
+    batch_size: images per network call inside `add_batch` (default 64).
+"""
+
+
+def _metric_info(metric: evaluate.Metric, features: dict[str, Any]) -> evaluate.MetricInfo:
+    """The `evaluate.MetricInfo` of one of our modules: its texts and the columns it stores."""
+    return evaluate.MetricInfo(
+        description=metric.description,
+        citation=metric.citation,
+        inputs_description=metric.inputs_description,
+        features=datasets.Features(features),
+    )
 
 
 class PerImageMetric(evaluate.Metric):
@@ -48,12 +69,7 @@ class PerImageMetric(evaluate.Metric):
         super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=self.description,
-            citation=self.citation,
-            inputs_description=self.inputs_description,
-            features=datasets.Features(self.statistics_features),
-        )
+        return _metric_info(self, self.statistics_features)
 
     def image_statistics(self, predictions: torch.Tensor, references: torch.Tensor) -> dict[str, list]:
         raise NotImplementedError
@@ -90,6 +106,32 @@ class PerImageMetric(evaluate.Metric):
         return super().compute(**kwargs)
 
 
+class NetworkImageMetric(PerImageMetric):
+    """Base of the image metrics that run a network (LPIPS, rFID): where it runs and how many images per call.
+
+    Args:
+        device (`str` or `torch.device`, defaults to `"cpu"`): where the network runs.
+        batch_size (`int`, defaults to 64): images per network call inside `add_batch`.
+        kwargs: [`PerImageMetric`] arguments.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, **kwargs):
+        if int(batch_size) < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        self.device = device
+        self.batch_size = int(batch_size)
+        super().__init__(**kwargs)
+
+    @torch.no_grad()
+    def in_chunks(self, function, *images: torch.Tensor) -> torch.Tensor:
+        """`function(*chunks)` over `batch_size` images at a time (float32, on `device`), outputs concatenated on CPU."""
+        outputs = []
+        for start in range(0, images[0].shape[0], self.batch_size):
+            chunks = [x[start:start + self.batch_size].float().to(self.device) for x in images]
+            outputs.append(function(*chunks).cpu())
+        return torch.cat(outputs)
+
+
 def _one(item):
     if item is None:
         return None
@@ -97,8 +139,24 @@ def _one(item):
     return tensor.unsqueeze(0)
 
 
+TOKEN_INPUTS_DESCRIPTION = """
+Init args:
+    codebook_size (`int`): number of codes (required).
+Args:
+    predictions: token ids of a batch of images, integer array `(B, ...)` such as `(B, num_heads, h, w)`.
+Returns:
+    codebook_usage (`float`, fraction in [0, 1]), perplexity (`float`), dead_codes (`int`), used_codes (`int`),
+    num_tokens (`int`), num_samples (`int`), code_counts (`list[int]`, length codebook_size).
+"""
+
+
 class TokenMetric(evaluate.Metric):
-    """Base of the codebook metrics: `add_batch(predictions=token_ids)` with any shape `(B, ...)` of token ids.
+    """The codebook metrics (`codebook_usage`, `perplexity`, `dead_codes` are this one implementation under three
+    names): `add_batch(predictions=token_ids)` with any shape `(B, ...)` of token ids; `compute` returns every
+    statistic of [`~optvq_hf.metrics.functional.codebook_statistics`] plus `num_samples` and `code_counts`.
+
+    Token ids are stored per image and the histogram is built at compute time, so the result is exact over any
+    batching and any number of processes.
 
     Args:
         codebook_size (`int`): number of codes (required).
@@ -107,7 +165,7 @@ class TokenMetric(evaluate.Metric):
 
     description = ""
     citation = ""
-    inputs_description = ""
+    inputs_description = TOKEN_INPUTS_DESCRIPTION
 
     def __init__(self, codebook_size: int | None = None, **kwargs):
         if codebook_size is None or int(codebook_size) != codebook_size or codebook_size < 1:
@@ -116,12 +174,7 @@ class TokenMetric(evaluate.Metric):
         super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=self.description,
-            citation=self.citation,
-            inputs_description=self.inputs_description,
-            features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32"))}),
-        )
+        return _metric_info(self, {"tokens": datasets.Sequence(datasets.Value("int32"))})
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Add the token ids of a batch of images, `(B, ...)` (e.g. `(B, num_heads, h, w)`)."""
@@ -136,11 +189,7 @@ class TokenMetric(evaluate.Metric):
         if array.ndim < 1 or array.dtype.kind not in "iu":
             raise ValueError(f"Token ids must be an integer array (B, ...), got dtype {array.dtype}, shape {array.shape}.")
         array = array.reshape(array.shape[0], -1).astype(np.int64)
-        if array.size and (array.min() < 0 or array.max() >= self.codebook_size):
-            raise ValueError(
-                f"Token ids must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), got "
-                f"values in [{array.min()}, {array.max()}]."
-            )
+        check_token_ids(torch.from_numpy(array), self.codebook_size)
         super().add_batch(tokens=[row.astype(np.int32) for row in array])
 
     def add(self, *, prediction=None, reference=None, **kwargs):
@@ -154,3 +203,7 @@ class TokenMetric(evaluate.Metric):
         if self.writer is None:
             raise ValueError("Nothing to compute: call add_batch first or pass predictions.")
         return super().compute(**kwargs)
+
+    def _compute(self, tokens):
+        counts = code_histogram(tokens, self.codebook_size)
+        return {**codebook_statistics(counts), "num_samples": len(tokens), "code_counts": counts.tolist()}

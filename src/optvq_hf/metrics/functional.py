@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..validation import check_token_ids
+
 __all__ = [
     "to_unit_images",
     "per_image_mse",
@@ -80,10 +82,12 @@ def per_image_mse(predictions: torch.Tensor, references: torch.Tensor) -> torch.
     return ((predictions.double() - references.double()) ** 2).flatten(1).mean(dim=1)
 
 
-def per_image_psnr(predictions: torch.Tensor, references: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB of every image, `10 * log10(data_range**2 / mse)`, `(B,)` float64, capped at `MAX_PSNR`."""
+def per_image_psnr(predictions: torch.Tensor, references: torch.Tensor, data_range: float = 1.0,
+                   max_psnr: float = MAX_PSNR) -> torch.Tensor:
+    """PSNR in dB of every image, `10 * log10(data_range**2 / mse)`, `(B,)` float64, capped at `max_psnr` (a perfect
+    reconstruction would otherwise be infinite). Inputs as returned by [`to_unit_images`]."""
     mse = per_image_mse(predictions, references)
-    floor = data_range**2 * 10 ** (-MAX_PSNR / 10)
+    floor = data_range**2 * 10 ** (-max_psnr / 10)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
 
 
@@ -134,30 +138,42 @@ def per_image_ssim(
 
 
 def code_histogram(token_ids, codebook_size: int) -> np.ndarray:
-    """How often each code occurs in `token_ids` (any shape, or a list of sequences), `(codebook_size,)` int64."""
+    """How often each code occurs in `token_ids` (a tensor or array of any shape, or a list of sequences),
+    `(codebook_size,)` int64."""
     if isinstance(token_ids, (list, tuple)):
         parts = [np.asarray(item, dtype=np.int64).ravel() for item in token_ids]
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     else:
         flat = (token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids))
         flat = flat.astype(np.int64, copy=False).ravel()
-    if flat.size and (flat.min() < 0 or flat.max() >= codebook_size):
-        raise ValueError(
-            f"Token ids must lie in [0, {codebook_size - 1}] (codebook_size={codebook_size}), got values in "
-            f"[{flat.min()}, {flat.max()}]."
-        )
+    check_token_ids(torch.from_numpy(flat), codebook_size)
     return np.bincount(flat, minlength=codebook_size).astype(np.int64)
 
 
-def codebook_statistics(counts: np.ndarray) -> dict[str, float]:
-    """Usage statistics of a code histogram.
+def codebook_statistics(counts) -> dict[str, float]:
+    """Usage statistics of a code histogram (the one definition used by training, evaluation and the metrics).
+
+    Args:
+        counts (`np.ndarray`, `torch.Tensor` or a list, shape `(codebook_size,)`): how often each code was used
+            (float counts, e.g. sums reduced across processes, are rounded to integers).
 
     Returns:
         `dict` with `codebook_usage` (fraction of codes used at least once), `perplexity` (`exp` of the entropy of
         the code distribution: 1 for a single code, `codebook_size` for a uniform one), `dead_codes` (codes never
         used), `used_codes` and `num_tokens`.
+
+    The perplexity of an empty histogram (no tokens) is 0.0, not `exp(0) = 1`: perplexity is the effective number
+    of codes in use and never exceeds `used_codes`, which is 0 there; 1.0 would report one code in use. Any
+    non-empty histogram has a perplexity of at least 1, so 0.0 also marks "nothing counted" unambiguously.
     """
-    counts = np.asarray(counts, dtype=np.int64)
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu().double().numpy()
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"`counts` must be a non-empty 1-D histogram, got shape {counts.shape}.")
+    if counts.dtype.kind == "f":
+        counts = np.rint(counts)
+    counts = counts.astype(np.int64)
     total = int(counts.sum())
     used = int((counts > 0).sum())
     if total > 0:

@@ -14,13 +14,12 @@ computes features on 299x299 inputs scaled to [-1, 1]: the 2048-d pool features 
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+
+from .networks import WEIGHTS_NAME, _read_config, _resolve_file, _save_folder
 
 __all__ = ["InceptionV3"]
 
@@ -200,19 +199,12 @@ class InceptionV3(nn.Module):
 
     def save_pretrained(self, save_directory: str):
         """Write `config.json` and `model.safetensors`."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "config.json"), "w") as handle:
-            json.dump(self.config, handle, indent=2)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(save_directory, "model.safetensors"))
+        _save_folder(self, self.config, save_directory)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **hub_kwargs) -> "InceptionV3":
         """Load from a local folder or a Hub repository with `config.json` and `model.safetensors`."""
-        from .networks import _resolve_file
-
-        with open(_resolve_file(name_or_path, "config.json", **hub_kwargs)) as handle:
-            config = json.load(handle)
+        config = _read_config(name_or_path, **hub_kwargs)
         network = cls(fid_variant=config.get("fid_variant", True))
-        network.load_state_dict(load_file(_resolve_file(name_or_path, "model.safetensors", **hub_kwargs)))
+        network.load_state_dict(load_file(_resolve_file(name_or_path, WEIGHTS_NAME, **hub_kwargs)))
         return network.eval().requires_grad_(False)

@@ -1,6 +1,7 @@
-"""Networks behind the perceptual metrics: LPIPS (a VGG-style trunk plus learned per-layer weights) and the image
-feature extractor of rFID. Both load from a local folder or a Hub repository holding `config.json` and
-`model.safetensors`; both can be built small and random for tests.
+"""Networks behind the perceptual metrics and loss: LPIPS (a VGG-style trunk plus learned per-layer weights), used
+by the `lpips` metric and by the training loss, and the image feature extractor of rFID. Both load from a local
+folder or a Hub repository holding `config.json` and `model.safetensors`; both can be built small and random for
+tests.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["LPIPSNetwork", "ImageFeatureExtractor", "load_feature_extractor", "VGG16_STAGES"]
+__all__ = ["LPIPSNetwork", "ImageFeatureExtractor", "load_feature_extractor", "VGG16_STAGES", "LPIPS_WEIGHTS_NAME"]
 
 # torchvision's vgg16 `features`: LPIPS taps the ReLU after the last convolution of each stage.
 VGG16_STAGES = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 # LPIPS's input scaling (inputs in [-1, 1]).
 LPIPS_SHIFT = [-0.030, -0.088, -0.188]
 LPIPS_SCALE = [0.458, 0.448, 0.450]
+# The single-file layout of the standard VGG LPIPS (no config.json): torchvision's `features.*` and the `lpips`
+# package's `lin{k}.model.1.weight`, the keys every LPIPSNetwork state dict has.
+LPIPS_WEIGHTS_NAME = "lpips_vgg.safetensors"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 
 
 def _resolve_file(name_or_path: str, filename: str, **hub_kwargs) -> str:
@@ -33,13 +39,51 @@ def _resolve_file(name_or_path: str, filename: str, **hub_kwargs) -> str:
     return hf_hub_download(name_or_path, filename, **hub_kwargs)
 
 
+def _read_config(name_or_path: str, **hub_kwargs) -> dict:
+    """`config.json` of a folder or Hub repository."""
+    with open(_resolve_file(name_or_path, CONFIG_NAME, **hub_kwargs)) as handle:
+        return json.load(handle)
+
+
+def _save_folder(module: nn.Module, config: dict, save_directory: str):
+    """Write `config.json` (`config`) and `model.safetensors` (the state dict) to `save_directory`."""
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as handle:
+        json.dump(config, handle, indent=2)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(save_directory, WEIGHTS_NAME))
+
+
+def _from_other_lpips_format(state_dict: dict) -> dict:
+    """Rename the learned heads of the earlier metrics format (`lins.{k}.weight`) to `lin{k}.model.1.weight`."""
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "lins" and parts[1].isdigit() and parts[2] == "weight":
+            key = f"lin{parts[1]}.model.1.weight"
+        renamed[key] = value
+    return renamed
+
+
+class _LinHead(nn.Module):
+    """LPIPS's learned per-channel weighting of one layer: dropout then a bias-free 1x1 conv to one channel (the
+    `lpips` package's layout, hence the `model.1` in its parameter name)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model(hidden_states)
+
+
 class LPIPSNetwork(nn.Module):
     """LPIPS (Zhang et al. 2018): distance between unit-normalized trunk activations, weighted per channel by learned
     non-negative 1x1 convolutions, averaged over space and summed over layers.
 
-    The trunk is a VGG-style stack whose `features` indices follow torchvision's `vgg16().features`, so a torchvision
-    VGG16 state dict loads as is; the learned weights of the `lpips` package's `vgg.pth` (`linK.model.1.weight`) load
-    as `lins.K.weight` (see [`LPIPSNetwork.from_original_state_dicts`]).
+    The trunk is a VGG-style stack whose `features` indices follow torchvision's `vgg16().features`, and the heads
+    are named as in the `lpips` package (`lin{k}.model.1.weight`), so torchvision's VGG16 weights and the `lpips`
+    package's `vgg.pth` load as they are (see [`LPIPSNetwork.from_original_state_dicts`]). This is the one LPIPS of
+    the project: the `lpips` metric uses it and the training loss ([`optvq_hf.training.LPIPS`]) is a frozen subclass.
 
     Args:
         stages (`list[list[int]]`, defaults to VGG16's): output channels of the convolutions of each stage; a
@@ -68,53 +112,89 @@ class LPIPSNetwork(nn.Module):
                 channels = int(width)
             self.tap_indices.append(len(layers) - 1)
         self.features = nn.Sequential(*layers)
-        self.lins = nn.ModuleList(nn.Conv2d(stage[-1], 1, 1, bias=False) for stage in stages)
+        for index, stage in enumerate(stages):
+            self.add_module(f"lin{index}", _LinHead(int(stage[-1])))
         self.register_buffer("shift", torch.tensor(shift).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(scale).view(1, -1, 1, 1), persistent=False)
 
-    def _taps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        hidden = (images - self.shift) / self.scale
-        taps = []
-        for index, layer in enumerate(self.features):
-            hidden = layer(hidden)
-            if index in self.tap_indices:
-                taps.append(hidden)
-        return taps
+    @property
+    def lins(self) -> list[nn.Conv2d]:
+        """The learned 1x1 convolutions, one per tapped layer."""
+        return [getattr(self, f"lin{index}").model[1] for index in range(len(self.tap_indices))]
 
     def forward(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance `(B,)` between images `(B, C, H, W)` in `[-1, 1]`."""
+        """LPIPS distance `(B,)` between images `(B, C, H, W)` in `[-1, 1]` (1-channel images are repeated)."""
         if predictions.shape != references.shape:
             raise ValueError(f"LPIPS inputs must match, got {tuple(predictions.shape)} and {tuple(references.shape)}.")
         in_channels = self.config["in_channels"]
-        if predictions.shape[1] == 1 and in_channels != 1:
-            predictions, references = predictions.expand(-1, in_channels, -1, -1), references.expand(-1, in_channels, -1, -1)
+        if predictions.ndim != 4 or predictions.shape[1] not in (1, in_channels):
+            raise ValueError(f"LPIPS expects (B, 1 or {in_channels}, H, W) images, got {tuple(predictions.shape)}.")
         if predictions.shape[1] != in_channels:
-            raise ValueError(f"LPIPS expects {in_channels} (or 1) channels, got {predictions.shape[1]}.")
-        dtype = self.lins[0].weight.dtype
-        distance = predictions.new_zeros(predictions.shape[0], dtype=dtype)
-        for lin, tap_x, tap_y in zip(self.lins, self._taps(predictions.to(dtype)), self._taps(references.to(dtype))):
-            unit_x = tap_x / (tap_x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            unit_y = tap_y / (tap_y.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            distance = distance + lin((unit_x - unit_y) ** 2).mean(dim=(1, 2, 3))
+            predictions = predictions.expand(-1, in_channels, -1, -1)
+            references = references.expand(-1, in_channels, -1, -1)
+        hidden = (torch.cat([predictions, references]).to(self.shift.dtype) - self.shift) / self.scale
+        distance, tap = 0.0, 0
+        for index, layer in enumerate(self.features):
+            hidden = layer(hidden)
+            if index == self.tap_indices[tap]:
+                first, second = hidden.chunk(2)
+                first = first / (first.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                second = second / (second.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                distance = distance + getattr(self, f"lin{tap}")((first - second) ** 2).mean(dim=(1, 2, 3))
+                tap += 1
         return distance
 
     def save_pretrained(self, save_directory: str):
         """Write `config.json` and `model.safetensors` to `save_directory`."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "config.json"), "w") as handle:
-            json.dump({"model_type": "lpips", **self.config}, handle, indent=2)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(save_directory, "model.safetensors"))
+        _save_folder(self, {"model_type": "lpips", **self.config}, save_directory)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **hub_kwargs) -> "LPIPSNetwork":
-        """Load from a local folder or a Hub repository with `config.json` and `model.safetensors`."""
-        with open(_resolve_file(name_or_path, "config.json", **hub_kwargs)) as handle:
-            config = json.load(handle)
-        config.pop("model_type", None)
+    def from_pretrained(cls, name_or_path: str, filename: str | None = None, **hub_kwargs) -> "LPIPSNetwork":
+        """Load from a `.safetensors` file, a local folder or a Hub repository.
+
+        A folder or repository holds `config.json` + `model.safetensors` (what [`save_pretrained`] writes), or
+        `lpips_vgg.safetensors` alone (the standard VGG LPIPS, the training loss's layout). Weights saved by earlier
+        versions of the metric (heads named `lins.{k}.weight`) are converted while loading. Frozen, in eval mode.
+
+        Args:
+            name_or_path (`str`): a file, a local folder or a Hub repository id.
+            filename (`str`, *optional*): the weights file inside the folder or repository. Default:
+                `model.safetensors`, else `lpips_vgg.safetensors`. A
+                `config.json` next to the weights is used when it describes an LPIPS network; otherwise the layout
+                is VGG16's.
+            hub_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
+        """
+        if os.path.isfile(name_or_path):
+            path, folder = name_or_path, os.path.dirname(os.path.abspath(name_or_path))
+        elif os.path.isdir(name_or_path):
+            candidates = [filename] if filename else [WEIGHTS_NAME, LPIPS_WEIGHTS_NAME]
+            found = [name for name in candidates if os.path.isfile(os.path.join(name_or_path, name))]
+            if not found:
+                raise ValueError(f"No LPIPS weights: expected {' or '.join(map(repr, candidates))} in folder "
+                                 f"{name_or_path!r}.")
+            path, folder = os.path.join(name_or_path, found[0]), name_or_path
+        elif filename is not None:
+            path, folder = _resolve_file(name_or_path, filename, **hub_kwargs), None
+        else:
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                path, folder = _resolve_file(name_or_path, WEIGHTS_NAME, **hub_kwargs), None
+            except EntryNotFoundError:  # a repository holding the single-file layout
+                filename = LPIPS_WEIGHTS_NAME
+                path, folder = _resolve_file(name_or_path, filename, **hub_kwargs), None
+        config = {}
+        if folder is None and filename in (None, WEIGHTS_NAME):
+            config = _read_config(name_or_path, **hub_kwargs)
+        elif folder is not None and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            config = _read_config(folder)
+        config = {k: v for k, v in config.items() if k != "model_type"} if config.get("model_type") == "lpips" else {}
         network = cls(**config)
-        state = load_file(_resolve_file(name_or_path, "model.safetensors", **hub_kwargs))
-        network.load_state_dict(state)
+        try:
+            network.load_state_dict(_from_other_lpips_format(load_file(path)))
+        except RuntimeError as error:  # missing, unexpected or mis-shaped keys
+            raise ValueError(f"LPIPS weights in {path!r} do not match the network layout {network.config['stages']}: "
+                             f"{error}") from error
         return network.eval().requires_grad_(False)
 
     @classmethod
@@ -123,8 +203,9 @@ class LPIPSNetwork(nn.Module):
         (both plain tensors dicts, e.g. read with `torch.load(path, weights_only=True)`)."""
         network = cls()
         state = {k: v for k, v in vgg_state_dict.items() if k.startswith("features.")}
-        for index in range(len(network.lins)):
-            state[f"lins.{index}.weight"] = lin_state_dict[f"lin{index}.model.1.weight"]
+        for index in range(len(network.tap_indices)):
+            key = f"lin{index}.model.1.weight"
+            state[key] = lin_state_dict[key]
         network.load_state_dict(state)
         return network.eval().requires_grad_(False)
 
@@ -194,8 +275,7 @@ def load_feature_extractor(name_or_path, device: str | torch.device = "cpu", **h
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(f"`feature_extractor` must be an nn.Module, a folder or a Hub id, got {type(name_or_path)}.")
     name_or_path = os.fspath(name_or_path)
-    with open(_resolve_file(name_or_path, "config.json", **hub_kwargs)) as handle:
-        config = json.load(handle)
+    config = _read_config(name_or_path, **hub_kwargs)
     if config.get("model_type") == "inception_v3":
         from .inception import InceptionV3
 

@@ -1,10 +1,18 @@
-"""Codebook initialization from encoder features: k-means (the OptVQ configs) or random features (the VQ baseline)."""
+"""Codebook initialization from encoder features: k-means (the OptVQ configs) or random features (the VQ baseline).
+
+[`initialize_codebook`] runs the whole recipe, in one process or many: encode a few batches, gather the feature rows
+of every process, compute the codes, and broadcast them so that every replica starts from the same codebook.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable
 
-__all__ = ["kmeans", "sample_codes", "set_codebook", "features_to_rows", "CODEBOOK_INIT_METHODS"]
+import torch
+import torch.distributed as dist
+
+__all__ = ["initialize_codebook", "kmeans", "sample_codes", "set_codebook", "features_to_rows",
+           "CODEBOOK_INIT_METHODS"]
 
 CODEBOOK_INIT_METHODS = ("none", "kmeans", "random")
 
@@ -82,3 +90,75 @@ def set_codebook(quantizer, codes: torch.Tensor):
     """Make the quantizer's codebook in use (after its shared projection, if any) equal to `codes` `(K, d)`: the
     member's own `CodebookQuantizer.set_codebook`, which knows how its codebook is parameterized."""
     quantizer.set_codebook(codes)
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
+    """The rows of every process, in rank order (any number of rows per process)."""
+    if not _distributed(group):
+        return local
+    world = dist.get_world_size(group)
+    size = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = local.new_zeros(max(sizes), local.shape[1])
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def initialize_codebook(model, pixel_batches: Iterable[torch.Tensor], method: str = "kmeans", num_iters: int = 30,
+                        max_points_per_code: int = 50, seed: int = 0, process_group=None) -> int:
+    """Set the codebook of `model` from its encoder's features of `pixel_batches`.
+
+    Every process encodes its own batches (in eval mode) and splits the latents into the rows the quantizer sees;
+    the rows of all processes are gathered (`torch.distributed`, when initialized), the codes are computed with a
+    generator seeded by `seed` (k-means over at most `max_points_per_code * codebook_size` random rows, or distinct
+    random rows), set with the member's `set_codebook`, and the quantizer's parameters are broadcast from the first process so
+    that every replica starts equal.
+
+    Args:
+        model ([`OptVQModel`]): the model (not a DDP wrapper).
+        pixel_batches (iterable of `torch.Tensor` `(B, C, H, W)` in [-1, 1]): this process's batches.
+        method (`str`, defaults to `"kmeans"`): `"kmeans"` (the OptVQ recipe) or `"random"` (the VQ baseline).
+        num_iters (`int`, defaults to 30): k-means iterations.
+        max_points_per_code (`int`, defaults to 50): cap on the k-means points, per code.
+        seed (`int`, defaults to 0): seed of the subsampling, the k-means start and the random picks.
+        process_group (*optional*): the `torch.distributed` group to gather over (default: the whole world).
+
+    Returns:
+        `int`: the number of feature rows the codes were computed from (over all processes, after subsampling).
+    """
+    if method not in CODEBOOK_INIT_METHODS or method == "none":
+        raise ValueError(f"`method` must be 'kmeans' or 'random', got {method!r}.")
+    quantizer = model.quantizer
+    codes_shape = (quantizer.codebook_size, quantizer.code_dim)
+    device = next(quantizer.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = [features_to_rows(model.encode_latents(pixels.to(device)), quantizer.num_heads) for pixels in pixel_batches]
+    model.train(was_training)
+    local = torch.cat(rows) if rows else torch.zeros(0, codes_shape[1], device=device)
+    features = _gather_rows(local, process_group)
+    if features.shape[0] == 0:
+        raise ValueError("No batch to initialize the codebook from.")
+    generator = torch.Generator(device=features.device).manual_seed(seed)
+    if method == "kmeans":
+        limit = max_points_per_code * codes_shape[0]
+        if features.shape[0] > limit:
+            features = features[torch.randperm(features.shape[0], generator=generator, device=features.device)[:limit]]
+        codes = kmeans(features, codes_shape[0], num_iters=num_iters, generator=generator)
+    else:
+        codes = sample_codes(features, codes_shape[0], generator=generator)
+    set_codebook(quantizer, codes)
+    if _distributed(process_group):
+        source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        for tensor in quantizer.parameters():
+            dist.broadcast(tensor.data, src=source, group=process_group)
+    return int(features.shape[0])

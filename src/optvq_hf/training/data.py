@@ -1,6 +1,11 @@
-"""Image data for OptVQ training, through `datasets` only.
+"""Image data for OptVQ training and evaluation, through `datasets` only.
 
-Two paths share one decoding function:
+This is the one dataset-loading path of the project: `examples/run_train.py` and `examples/run_eval.py` both load
+their data with [`load_image_dataset`] (Hub id, local folder of data files, `save_to_disk` folder, single file,
+`imagefolder`, streaming), find the image column with [`find_image_column`], and decode with [`ImagePreprocessor`],
+which skips and counts unreadable images instead of failing.
+
+For training, two paths share one decoding function:
 
 * cached (default for map-style datasets): every image is decoded, converted to the model's channels and resized
   (shortest edge = resolution) once with `datasets.map`, stored as raw uint8 bytes, and, when all images have one
@@ -27,6 +32,12 @@ from PIL import Image
 __all__ = [
     "load_image_dataset",
     "find_image_column",
+    "split_train_and_eval",
+    "decode_images",
+    "decode_image_column",
+    "iter_image_batches",
+    "build_image_dataset",
+    "augmentation_generator",
     "decode_image",
     "ImagePreprocessor",
     "cache_preprocessed",
@@ -52,8 +63,8 @@ DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", 
 # ----------------------------------------------------------------------------------------------------------------
 def load_image_dataset(dataset_name: str | None = None, dataset_config_name: str | None = None,
                        train_data_dir: str | None = None, streaming: bool = False, cache_dir: str | None = None,
-                       trust_remote_code: bool | None = None, token: str | None = None):
-    """Load a `datasets.DatasetDict` (or `IterableDatasetDict` when streaming).
+                       trust_remote_code: bool | None = None, token: str | None = None, split: str | None = None):
+    """Load a `datasets.DatasetDict` (or `IterableDatasetDict` when streaming), or one of its splits.
 
     Args:
         dataset_name (`str`, *optional*): a Hub id (`"ILSVRC/imagenet-1k"`, `"ylecun/mnist"`), a local folder of
@@ -65,7 +76,21 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config_name: str
         cache_dir (`str`, *optional*): `datasets` cache folder.
         trust_remote_code (`bool`, *optional*): unused by `datasets` >= 4 (kept for older scripts).
         token (`str`, *optional*): Hub token.
+        split (`str`, *optional*): return this split only (a `ValueError` lists the splits when it is missing); a
+            single file is this split.
     """
+    import datasets
+
+    loaded = _load(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split)
+    if split is None or not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return loaded
+    if split not in loaded:
+        raise ValueError(f"No {split!r} split in {dataset_name or train_data_dir!r}; found {sorted(loaded)}.")
+    return loaded[split]
+
+
+def _load(dataset_name, dataset_config_name, train_data_dir, streaming, cache_dir, token, split):
+    """A dataset dict, or the split `split` when `datasets` can load one split by itself."""
     import datasets
 
     if dataset_name is None and train_data_dir is None:
@@ -86,11 +111,12 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config_name: str
                 extension)
             if builder is None:
                 raise ValueError(f"Cannot load {dataset_name!r}: unsupported file type {extension!r}.")
-            return datasets.load_dataset(builder, data_files={"train": dataset_name}, streaming=streaming,
-                                         cache_dir=cache_dir)
-        return datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir,
-                                     token=token)
-    return datasets.load_dataset("imagefolder", data_dir=train_data_dir, streaming=streaming, cache_dir=cache_dir)
+            return datasets.load_dataset(builder, data_files={split or "train": dataset_name}, split=split,
+                                         streaming=streaming, cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming,
+                                     cache_dir=cache_dir, token=token)
+    return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming,
+                                 cache_dir=cache_dir)
 
 
 def find_image_column(features, image_column: str | None = None) -> str:
@@ -110,6 +136,44 @@ def find_image_column(features, image_column: str | None = None) -> str:
         if name in names:
             return name
     raise ValueError(f"Could not find an image column among {names}; pass `--image_column`.")
+
+
+def split_train_and_eval(dataset_dict, train_split: str = "train", eval_split: str | None = None,
+                         eval_percentage: float = 1.0, max_eval_samples: int | None = None, seed: int = 0):
+    """The training split and a (small) evaluation set of a dataset.
+
+    The evaluation set is `eval_split` if given (checked), else the dataset's `validation` / `valid` / `val` / `test`
+    split, else `eval_percentage` percent of the training split held out (map-style; seeded) or its first
+    `max_eval_samples` rows (streaming, which the training split then skips). It is cut to `max_eval_samples`.
+
+    Returns `(train, eval_set)`.
+    """
+    import datasets
+
+    splits = list(dataset_dict.keys())
+    if train_split not in splits:
+        raise ValueError(f"`--train_split` {train_split!r} not in the dataset's splits {splits}.")
+    if eval_split is not None and eval_split not in splits:
+        raise ValueError(f"`--validation_split` {eval_split!r} not in the dataset's splits {splits}.")
+    if eval_split is None:
+        eval_split = next((name for name in ("validation", "valid", "val", "test")
+                           if name in splits and name != train_split), None)
+    train = dataset_dict[train_split]
+    streaming = isinstance(train, datasets.IterableDataset)
+    if eval_split is not None:
+        eval_set = dataset_dict[eval_split]
+    elif streaming:
+        if max_eval_samples is None:
+            raise ValueError("A streamed dataset without an evaluation split needs `max_eval_samples`.")
+        eval_set, train = train.take(max_eval_samples), train.skip(max_eval_samples)
+    else:
+        held = max(1, int(round(len(train) * eval_percentage / 100)))
+        parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
+        train, eval_set = parts["train"], parts["test"]
+    if max_eval_samples is not None:
+        eval_set = eval_set.take(max_eval_samples) if streaming else eval_set.select(
+            range(min(max_eval_samples, len(eval_set))))
+    return train, eval_set
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,34 +214,33 @@ class ImagePreprocessor:
     model's channels (grayscale converted with ITU-R 601 luma, RGBA/P/CMYK converted to RGB), as uint8 `(C, H, W)`.
 
     With `center_crop=True` the result is also center-cropped to `resolution x resolution` (for evaluation or when
-    random crops are off).
+    random crops are off). With `resolution=None` the processor's own resize and crop settings are used (what
+    `processor(images)` does, before scaling to [-1, 1]).
 
     Args:
         processor (`OptVQImageProcessor`): the model's processor (its resampling filter is used).
-        resolution (`int`): target shortest edge / crop size.
-        center_crop (`bool`, defaults to `False`): center-crop to a square.
+        resolution (`int`, *optional*): target shortest edge / crop size; `None` keeps the processor's settings.
+        center_crop (`bool`, defaults to `False`): center-crop to a square (ignored when `resolution` is `None`).
     """
 
     processor: object
-    resolution: int
+    resolution: int | None = None
     center_crop: bool = False
 
     def __call__(self, value) -> np.ndarray | None:
         """uint8 `(C, H, W)` array, or `None` if the image cannot be read."""
+        geometry = {} if self.resolution is None else dict(
+            size={"shortest_edge": self.resolution},
+            crop_size={"height": self.resolution, "width": self.resolution},
+            do_center_crop=self.center_crop,
+        )
         try:
             image = decode_image(value)
             if image.mode not in ("RGB", "L"):
                 image = image.convert("RGB")
-            out = self.processor(
-                image,
-                size={"shortest_edge": self.resolution},
-                crop_size={"height": self.resolution, "width": self.resolution},
-                do_center_crop=self.center_crop,
-                do_rescale=False,
-                do_normalize=False,
-            )["pixel_values"][0]
+            out = self.processor(image, do_rescale=False, do_normalize=False, **geometry)["pixel_values"][0]
             array = np.ascontiguousarray(np.asarray(out), dtype=np.uint8)
-            if array.ndim != 3 or min(array.shape[1:]) < self.resolution:
+            if array.ndim != 3 or (self.resolution is not None and min(array.shape[1:]) < self.resolution):
                 return None
             return array
         except Exception:  # noqa: BLE001 - any unreadable image is skipped and counted
@@ -188,6 +251,67 @@ class ImagePreprocessor:
         processor = self.processor
         return (f"optvq-pre-v1-{self.resolution}-{self.center_crop}-{getattr(processor, 'num_channels', 3)}-"
                 f"{getattr(processor, 'resample', '')}")
+
+
+def decode_images(values, preprocessor: ImagePreprocessor) -> tuple[torch.Tensor | None, list[int]]:
+    """Decode a list of stored images (as [`decode_image`] reads them) into one uint8 batch `(N, C, H, W)`.
+
+    Returns `(images, skipped)`: `images` is `None` when no image could be read; `skipped` lists the positions of
+    the unreadable ones (skipped, never fatal).
+    """
+    arrays, skipped = [], []
+    for index, value in enumerate(values):
+        array = preprocessor(value)
+        if array is None:
+            skipped.append(index)
+        else:
+            arrays.append(array)
+    return (torch.from_numpy(np.stack(arrays)) if arrays else None), skipped
+
+
+def iter_image_batches(dataset, image_column: str, preprocessor: ImagePreprocessor, batch_size: int,
+                       rank: int = 0, world_size: int = 1):
+    """Decode this process's share of a map-style or streamed dataset in batches (for evaluation or tokenization).
+
+    Process `rank` of `world_size` reads images `rank, rank + world_size, ...` of a map-style dataset, and its
+    `datasets.distributed.split_dataset_by_node` share of a streamed one. Yields `(images, num_skipped)` per batch:
+    uint8 `(B, C, H, W)` (or `None` when no image of the batch could be read) and how many were unreadable.
+    """
+    import datasets
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    features = getattr(dataset, "features", None)
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if isinstance(dataset, datasets.IterableDataset):
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        batches = (batch[image_column] for batch in dataset.iter(batch_size))
+    else:
+        indices = list(range(rank, len(dataset), world_size))
+        batches = (dataset[indices[start:start + batch_size]][image_column]
+                   for start in range(0, len(indices), batch_size))
+    for values in batches:
+        images, skipped = decode_images(values, preprocessor)
+        yield images, len(skipped)
+
+
+def decode_image_column(dataset, image_column: str, preprocessor: ImagePreprocessor,
+                        batch_size: int = 256) -> tuple[torch.Tensor | None, int]:
+    """Every image of a (small) map-style or streamed dataset, decoded into one uint8 batch `(N, C, H, W)` with
+    [`iter_image_batches`] (so the preprocessor must give one shape, e.g. center crops).
+
+    Returns `(images, num_skipped)`; `images` is `None` when no image could be read.
+    """
+    parts, skipped = [], 0
+    for images, num_skipped in iter_image_batches(dataset, image_column, preprocessor, batch_size):
+        skipped += num_skipped
+        if images is not None:
+            parts.append(images)
+    return (torch.cat(parts) if parts else None), skipped
 
 
 def cache_preprocessed(dataset, image_column: str, preprocessor: ImagePreprocessor, num_proc: int | None = None,
@@ -326,6 +450,33 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
             yield None if array is None else torch.from_numpy(array)
 
 
+def build_image_dataset(dataset, image_column: str, preprocessor: ImagePreprocessor, cache: str = "auto",
+                        num_proc: int | None = None, max_cache_bytes: float = 64e9):
+    """The torch dataset of uint8 images that a training DataLoader reads (with [`collate_images`]).
+
+    A streamed dataset is decoded on the fly ([`StreamingImageDataset`]). A map-style one is decoded and resized
+    once ([`cache_preprocessed`], then [`CachedImageDataset.maybe_in_memory`]) when `cache` is `"always"`, or
+    `"auto"` and its resized images take less than `max_cache_bytes`; else per sample ([`OnTheFlyImageDataset`]).
+
+    Returns `(torch_dataset, num_skipped)` (images found unreadable while caching; the other paths count them as
+    they meet them, in each batch's `num_skipped`).
+    """
+    import datasets
+
+    if cache not in ("auto", "always", "never"):
+        raise ValueError(f"`cache` must be 'auto', 'always' or 'never', got {cache!r}.")
+    if isinstance(dataset, datasets.IterableDataset):
+        return StreamingImageDataset(dataset, image_column, preprocessor), 0
+    if cache == "auto":
+        side = preprocessor.resolution or max(getattr(preprocessor.processor, "crop_size", {}).values() or [256])
+        channels = getattr(preprocessor.processor, "num_channels", 3)
+        cache = "always" if len(dataset) * channels * side * side * 1.5 < max_cache_bytes else "never"
+    if cache == "never":
+        return OnTheFlyImageDataset(dataset, image_column, preprocessor), 0
+    processed, skipped = cache_preprocessed(dataset, image_column, preprocessor, num_proc=num_proc)
+    return CachedImageDataset.maybe_in_memory(processed), skipped
+
+
 def collate_images(items) -> dict:
     """Collate images: drop `None` (unreadable) and count them; stack when shapes agree, else keep a list.
 
@@ -343,6 +494,14 @@ def collate_images(items) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentation (in the training loop, deterministic given the generator)
 # ----------------------------------------------------------------------------------------------------------------
+def augmentation_generator(seed: int, step: int, micro_step: int = 0, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one batch's random crops and flips. It depends on the seed, the optimizer step, the
+    micro-batch within the step and the process only, so a resumed run draws the same augmentations."""
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + step * 1009 + micro_step * 101 + rank) % (2**63))
+    return generator
+
+
 def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
     """uint8 `(B, C, H, W)` in [0, 255] -> float32 in [-1, 1] (the processor's `(x / 255 - 0.5) / 0.5`)."""
     return images.float().div_(127.5).sub_(1.0)

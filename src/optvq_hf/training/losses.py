@@ -1,21 +1,22 @@
 """Training losses of OptVQ: L1/L2 reconstruction, LPIPS perceptual loss, hinge PatchGAN with the VQGAN adaptive
 weight, and the quantizer's own loss, combined as in the original recipe.
 
-The LPIPS network (VGG16 trunk + learned 1x1 "lin" heads) is defined here in plain PyTorch (no torchvision, no
-`lpips` package) and its weights are read from a safetensors file, a local folder or a Hub repository; key names are
-those of torchvision's `vgg16().features` (`features.{i}.weight`) and of the `lpips` package's heads
-(`lin{k}.model.1.weight`), so existing weights convert by a plain `save_file`.
+The LPIPS network is the project's one [`~optvq_hf.metrics.LPIPSNetwork`] (VGG16 trunk + learned 1x1 "lin" heads,
+plain PyTorch, no torchvision, no `lpips` package), frozen; its weights are read from a safetensors file, a local
+folder or a Hub repository; key names are those of torchvision's `vgg16().features` (`features.{i}.weight`) and of
+the `lpips` package's heads (`lin{k}.model.1.weight`), so existing weights convert by a plain `save_file`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+
+from ..metrics.networks import LPIPS_WEIGHTS_NAME, LPIPSNetwork
 
 __all__ = [
     "LPIPS",
@@ -28,47 +29,17 @@ __all__ = [
     "LPIPS_WEIGHTS_NAME",
 ]
 
-LPIPS_WEIGHTS_NAME = "lpips_vgg.safetensors"
-# VGG16 "D" configuration; "M" is a 2x2 max-pool.
-_VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-# Indices (in `features`) of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: the outputs LPIPS compares.
-_LPIPS_TAPS = (3, 8, 15, 22, 29)
-_LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
-
-class _LinHead(nn.Module):
-    """LPIPS's learned per-channel weighting of one layer: dropout then a bias-free 1x1 conv to one channel."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.model = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(channels, 1, 1, bias=False))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model(hidden_states)
-
-
-class LPIPS(nn.Module):
-    """LPIPS perceptual distance with a VGG16 trunk (Zhang et al., 2018), frozen, in eval mode.
+class LPIPS(LPIPSNetwork):
+    """LPIPS perceptual distance with a VGG16 trunk (Zhang et al., 2018), frozen, always in eval mode: the training
+    loss's [`~optvq_hf.metrics.LPIPSNetwork`].
 
     Inputs are images in [-1, 1], `(B, 1 or 3, H, W)` (grayscale is repeated to RGB); the output is the per-image
     distance `(B,)`. Build it with [`LPIPS.from_pretrained`]; a bare `LPIPS()` has random weights (tests only).
     """
 
-    def __init__(self):
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for item in _VGG16_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(in_channels, item, 3, padding=1), nn.ReLU(inplace=False)]
-                in_channels = item
-        self.features = nn.Sequential(*layers[: _LPIPS_TAPS[-1] + 1])
-        for index, channels in enumerate(_LPIPS_CHANNELS):
-            self.add_module(f"lin{index}", _LinHead(channels))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+    def __init__(self, **network_kwargs):
+        super().__init__(**network_kwargs)
         self.requires_grad_(False)
         self.eval()
 
@@ -77,61 +48,16 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, filename: str = LPIPS_WEIGHTS_NAME, **hub_kwargs) -> "LPIPS":
+    def from_pretrained(cls, name_or_path: str, filename: str | None = LPIPS_WEIGHTS_NAME, **hub_kwargs) -> "LPIPS":
         """Load LPIPS-VGG weights from a `.safetensors` file, a folder holding `filename`, or a Hub repository.
 
         Args:
             name_or_path (`str`): a file path, a local folder, or a Hub repository id.
-            filename (`str`, defaults to `"lpips_vgg.safetensors"`): file to read inside a folder or repository.
+            filename (`str`, defaults to `"lpips_vgg.safetensors"`): file to read inside a folder or repository
+                (`"model.safetensors"`, or `None`, reads an `LPIPSNetwork.save_pretrained` folder).
             hub_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
         """
-        from safetensors.torch import load_file
-
-        if os.path.isfile(name_or_path):
-            path = name_or_path
-        elif os.path.isdir(name_or_path):
-            path = os.path.join(name_or_path, filename)
-            if not os.path.isfile(path):
-                raise ValueError(f"No LPIPS weights: expected {filename!r} in folder {name_or_path!r}.")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(name_or_path, filename, **hub_kwargs)
-        model = cls()
-        state_dict = load_file(path)
-        try:
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as error:  # shape mismatches
-            raise ValueError(f"LPIPS weights in {path!r} do not match the VGG16 LPIPS layout: {error}") from error
-        if missing or unexpected:
-            raise ValueError(
-                f"LPIPS weights in {path!r} do not match the VGG16 LPIPS layout: missing keys {missing}, "
-                f"unexpected keys {unexpected}."
-            )
-        return model
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-image LPIPS distance `(B,)` between images in [-1, 1]."""
-        if input.shape != target.shape:
-            raise ValueError(f"LPIPS inputs must have the same shape, got {tuple(input.shape)} and {tuple(target.shape)}.")
-        if input.ndim != 4 or input.shape[1] not in (1, 3):
-            raise ValueError(f"LPIPS expects (B, 1 or 3, H, W) images, got {tuple(input.shape)}.")
-        if input.shape[1] == 1:
-            input, target = input.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
-        both = torch.cat([input, target]).float()
-        hidden_states = (both - self.shift) / self.scale
-        total = 0.0
-        tap = 0
-        for index, layer in enumerate(self.features):
-            hidden_states = layer(hidden_states)
-            if index == _LPIPS_TAPS[tap]:
-                first, second = hidden_states.chunk(2)
-                first = first / (first.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-                second = second / (second.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-                head = getattr(self, f"lin{tap}")
-                total = total + head((first - second) ** 2).mean(dim=(1, 2, 3))
-                tap += 1
-        return total
+        return super().from_pretrained(name_or_path, filename=filename, **hub_kwargs)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -313,6 +239,20 @@ class OptVQLoss(nn.Module):
     def gan_active(self, global_step: int) -> bool:
         """Whether the GAN terms are on at this optimizer step."""
         return self.uses_gan and global_step >= self.disc_start
+
+    def log_terms(self, output: OptVQLossOutput, global_step: int = 0) -> dict[str, torch.Tensor]:
+        """The parts of a loss output worth logging, by name: for [`generator_loss`]'s, the total (`loss`), every
+        term whose weight is non-zero and, once the GAN is on, `generator` and `generator_weight`; for
+        [`discriminator_loss`]'s, `discriminator`. Training loops log this dict as it comes."""
+        if output.discriminator is not None:
+            return {"discriminator": output.discriminator}
+        weights = {"l1": self.l1_weight, "l2": self.l2_weight, "perceptual": self.perceptual_weight,
+                   "quantization": self.quantization_weight}
+        terms = {"loss": output.loss.detach()}
+        terms.update({name: output[name] for name, weight in weights.items() if weight > 0})
+        if self.gan_active(global_step):
+            terms.update(generator=output.generator, generator_weight=output.generator_weight)
+        return terms
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, quantization_loss: torch.Tensor,
                        global_step: int = 0, last_layer_weight: torch.Tensor | None = None,

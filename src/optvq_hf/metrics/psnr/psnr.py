@@ -9,11 +9,7 @@ _DESCRIPTION = """Peak signal-to-noise ratio, `10 * log10(1 / mse)` per image on
 over images (the convention of the OptVQ paper's tables). Also returns the PSNR of the dataset-wide mean squared
 error. A perfect reconstruction counts as 100 dB (PSNR is otherwise infinite)."""
 
-_INPUTS = """
-Args:
-    predictions: reconstructions, `(B, C, H, W)` or `(B, H, W)`, floats in `input_range` (default [-1, 1]) or uint8.
-    references: originals, same shape.
-Returns:
+_INPUTS = "\n" + base.IMAGE_PAIR_ARGS + """Returns:
     psnr (`float`): mean per-image PSNR in dB.
     psnr_of_mean_mse (`float`): PSNR of the mean squared error over all pixels of all images.
     num_samples (`int`): number of images.
@@ -29,9 +25,7 @@ _CITATION = ""
 
 class Psnr(base.PerImageMetric):
     statistics_features = {"psnr": datasets.Value("float64"), "mse": datasets.Value("float64")}
-    description = _DESCRIPTION
-    inputs_description = _INPUTS
-    citation = _CITATION
+    description, inputs_description, citation = _DESCRIPTION, _INPUTS, _CITATION
 
     def image_statistics(self, predictions, references):
         mse = functional.per_image_mse(predictions, references)

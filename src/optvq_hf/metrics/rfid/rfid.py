@@ -16,12 +16,7 @@ numbers computed on the same number of images."""
 _INPUTS = """
 Init args:
     feature_extractor: `nn.Module` / `ImageFeatureExtractor`, or a local folder / Hub id (required).
-    device: where the network runs (default "cpu").
-    batch_size: images per network call inside `add_batch` (default 64).
-Args:
-    predictions: reconstructions, `(B, C, H, W)` or `(B, H, W)`, floats in `input_range` (default [-1, 1]) or uint8.
-    references: originals, same shape.
-Returns:
+""" + base.NETWORK_INIT_ARGS + base.IMAGE_PAIR_ARGS + """Returns:
     rfid (`float`), num_samples (`int`), feature_dim (`int`).
 """
 
@@ -30,27 +25,21 @@ Nash Equilibrium}, author={Heusel, Martin and Ramsauer, Hubert and Unterthiner, 
 Hochreiter, Sepp}, booktitle={NeurIPS}, year={2017}}"""
 
 
-class Rfid(base.PerImageMetric):
+class Rfid(base.NetworkImageMetric):
     statistics_features = {
         "prediction_features": datasets.Sequence(datasets.Value("float32")),
         "reference_features": datasets.Sequence(datasets.Value("float32")),
     }
-    description = _DESCRIPTION
-    inputs_description = _INPUTS
-    citation = _CITATION
+    description, inputs_description, citation = _DESCRIPTION, _INPUTS, _CITATION
 
-    def __init__(self, feature_extractor=None, device="cpu", batch_size: int = 64, **kwargs):
+    def __init__(self, feature_extractor=None, **kwargs):
         if feature_extractor is None:
             raise ValueError("rFID needs `feature_extractor=`: an nn.Module, or a local folder or Hub id holding one.")
-        self.feature_extractor = networks.load_feature_extractor(feature_extractor, device=device)
-        self.batch_size = int(batch_size)
         super().__init__(**kwargs)
+        self.feature_extractor = networks.load_feature_extractor(feature_extractor, device=self.device)
 
-    @torch.no_grad()
     def _features(self, images):
-        chunks = [self.feature_extractor(images[s:s + self.batch_size].float())
-                  for s in range(0, images.shape[0], self.batch_size)]
-        features = torch.cat(chunks).float()
+        features = self.in_chunks(self.feature_extractor, images).float()
         if not bool(torch.isfinite(features).all()):
             raise ValueError("The feature extractor returned NaN or Inf features.")
         return [row.numpy() for row in features]

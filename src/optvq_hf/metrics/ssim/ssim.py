@@ -9,11 +9,7 @@ _DESCRIPTION = """Structural similarity (Wang et al. 2004) per image on pixels m
 images. Matches `skimage.metrics.structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False)`. Images must be at least 11x11."""
 
-_INPUTS = """
-Args:
-    predictions: reconstructions, `(B, C, H, W)` or `(B, H, W)`, floats in `input_range` (default [-1, 1]) or uint8.
-    references: originals, same shape.
-Returns:
+_INPUTS = "\n" + base.IMAGE_PAIR_ARGS + """Returns:
     ssim (`float`): mean per-image SSIM.
     num_samples (`int`): number of images.
 """
@@ -25,9 +21,7 @@ journal={IEEE Transactions on Image Processing}, volume={13}, number={4}, pages=
 
 class Ssim(base.PerImageMetric):
     statistics_features = {"ssim": datasets.Value("float64")}
-    description = _DESCRIPTION
-    inputs_description = _INPUTS
-    citation = _CITATION
+    description, inputs_description, citation = _DESCRIPTION, _INPUTS, _CITATION
 
     def image_statistics(self, predictions, references):
         return {"ssim": functional.per_image_ssim(predictions, references).tolist()}
