@@ -10,7 +10,7 @@ import traceback
 
 import torch
 
-__all__ = ["set_cpu_threads", "accelerate_state_conflicts", "run_in_fresh_process"]
+__all__ = ["set_cpu_threads", "several_processes_on_cpu", "accelerate_state_conflicts", "run_in_fresh_process"]
 
 
 def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1):
@@ -22,6 +22,16 @@ def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1
     elif "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(1, num_local_processes)))
+
+
+def several_processes_on_cpu() -> bool:
+    """Whether this process is one of several that a launcher (`torchrun`, `accelerate launch --multi_gpu`) started
+    on a machine without a GPU or XPU. Accelerate then sets up `DistributedType.MULTI_CPU` (gloo) only when asked
+    for the CPU: pass this as `cpu=` to `Accelerator` / `PartialState`; without it every process runs alone, on all
+    the data, as if it were the only one."""
+    world_size = max(int(os.environ.get(name) or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return world_size > 1 and not has_accelerator
 
 
 def accelerate_state_conflicts(mixed_precision: str | None = None) -> bool:
