@@ -64,6 +64,9 @@ TARGETS = {
     ),
 }
 COPY = ["src", "tests", "examples", "docs", "README.md", "pyproject.toml"]
+# Packages that the editable install maps to a folder other than src/ (pyproject's package-dir): a child imports them
+# from its own copy through symlinks in `<workdir>/packages`, which comes before the install's finder on sys.path.
+MAPPED_PACKAGES = {"optvq_hf_examples": "examples"}
 # Heavy libraries imported once by this process (never the project), so that each forked child starts fast.
 PRELOAD = ["numpy", "torch", "torch.distributed", "torch.nn.functional", "transformers", "transformers.modeling_utils",
            "transformers.configuration_utils", "transformers.image_processing_utils", "transformers.processing_utils",
@@ -327,6 +330,9 @@ def prepare_workdir(folder: str):
             shutil.copytree(source, os.path.join(folder, name), ignore=ignore)
         elif os.path.exists(source):
             shutil.copy2(source, os.path.join(folder, name))
+    os.makedirs(os.path.join(folder, "packages"))
+    for package, path in MAPPED_PACKAGES.items():
+        os.symlink(os.path.join(folder, path), os.path.join(folder, "packages", package))
 
 
 class _Tracer:
@@ -373,10 +379,10 @@ def _child(workdir: str, args: list[str], log: str, plugin=None, result_file: st
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        source = os.path.join(workdir, "src")
+        sources = [os.path.join(workdir, "src"), os.path.join(workdir, "packages")]
         original = os.path.realpath(os.path.join(ROOT, "src"))
-        sys.path[:] = [source] + [p for p in sys.path if p and os.path.realpath(p) != original]
-        os.environ["PYTHONPATH"] = source  # subprocesses of multi-process tests import the mutant too
+        sys.path[:] = sources + [p for p in sys.path if p and os.path.realpath(p) != original]
+        os.environ["PYTHONPATH"] = os.pathsep.join(sources)  # subprocesses of multi-process tests import the mutant too
         sys.dont_write_bytecode = True
         import pytest
 
