@@ -433,6 +433,25 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_dat
     assert len(moved) == len(a), sorted(set(a) - set(moved))
 
 
+def test_resume_is_exact_with_the_discriminator_and_streaming_data(tiny_data, tmp_path):
+    """Stopping and resuming a GAN run on streamed data ends with the weights of an uninterrupted run: the
+    discriminator, its optimizer and schedule come back from the checkpoint, and the stream resumes after the batches
+    already seen (from step 1 on, the generator's loss depends on the discriminator)."""
+    import run_train
+
+    common = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-4", "--skip_final_eval",
+              "--gan_weight", "0.5", "--disc_start", "1", "--disc_num_layers", "2", "--disc_base_channels", "8",
+              "--streaming", "--shuffle_buffer_size", "16")
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train.main(tiny_args(tiny_data, straight, *common))
+    assert run_train.main(tiny_args(tiny_data, resumed, *common, "--stop_after_steps", "2")) == {"stopped_at_step": 2}
+    run_train.main(tiny_args(tiny_data, resumed, *common, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    halfway = load_file(os.path.join(resumed, "checkpoint-2", "model.safetensors"))
+    assert not all(torch.equal(halfway[key], a[key]) for key in a)  # the resumed half did train
+
+
 def test_script_with_lpips_gan_ema_accumulation_and_streaming(tiny_data, tmp_path):
     """The full recipe in one tiny run: LPIPS from a local file, PatchGAN from step 1, EMA, gradient accumulation,
     a cosine schedule, streaming data (decoded on the fly) and user validation images."""
