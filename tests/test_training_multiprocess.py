@@ -73,6 +73,16 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_data, tmp
                                                                     abs=1e-6), tag
     # Only the main process wrote: one final model, no temporary folders.
     assert not [n for n in os.listdir(two) if n.startswith(".tmp")]
+    if quantizer == "optvq":
+        # Stopped after 2 steps and resumed with 2 processes, the run ends with the uninterrupted run's weights.
+        resumed = str(tmp_path / "resumed")
+        args_resumed = [resumed if a == two else a for a in args]
+        for extra in (["--stop_after_steps", "2"], ["--resume_from_checkpoint", "latest"]):
+            result = _launch_two_processes(args_resumed + extra)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert os.path.isdir(os.path.join(resumed, "checkpoint-2"))
+        w_resumed = load_file(os.path.join(resumed, "model.safetensors"))
+        assert all(torch.equal(w_resumed[key], w_two[key]) for key in w_two)
 
 
 def _train_scalars(output_dir: str) -> dict:
