@@ -448,6 +448,11 @@ def main(argv=None):
     parser.add_argument("--timeout_factor", type=float, default=4.0, help="timeout: this times the tests' baseline time")
     parser.add_argument("--min_timeout", type=float, default=60.0)
     parser.add_argument("--no_slow", action="store_true", help="skip the slow tier")
+    parser.add_argument("--max_test_seconds", type=float, default=3.0,
+                        help="fast-tier tests that took longer in the baseline go to the slow tier")
+    parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run only the mutants that survived in the report's mutants.json (after adding tests)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--only", default="", help="run only mutants whose key contains this text")
     args = parser.parse_args(argv)
@@ -460,6 +465,12 @@ def main(argv=None):
     mutants_by_target = {target: generate(target) for target in targets}
     if args.only:
         mutants_by_target = {t: [m for m in ms if args.only in m.key] for t, ms in mutants_by_target.items()}
+    if args.sample > 1:
+        mutants_by_target = {t: ms[::args.sample] for t, ms in mutants_by_target.items()}
+    previous = load_report(args.report)
+    if args.rerun:
+        again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests")}
+        mutants_by_target = {t: [m for m in ms if m.key in again] for t, ms in mutants_by_target.items()}
     if args.list:
         for target, mutants in mutants_by_target.items():
             for mutant in mutants:
@@ -492,8 +503,10 @@ def main(argv=None):
             for function in functions:
                 tests_by_function[function].append(test)
         any_call = sorted({t for t, fs in calls.items() if fs}, key=lambda t: durations.get(t, 0))
+        long_tests = sorted(t for t in any_call if durations.get(t, 0) > args.max_test_seconds)
+        slow_tier = long_tests + TARGETS[target]["slow"]
         print(f"{target}: {len(mutants)} mutants; baseline {time.time() - t0:.0f} s, {len(durations)} tests, "
-              f"{len(any_call)} call it", flush=True)
+              f"{len(any_call)} call it, {len(long_tests)} of them in the slow tier", flush=True)
         with open(os.path.join(ROOT, target), "rb") as handle:
             pristine = handle.read()
 
@@ -503,7 +516,7 @@ def main(argv=None):
             else:
                 # a nested function's code runs when it is called; its enclosing functions' tests cover it too
                 tests = tests_by_function.get(mutant.function, [])
-            return sorted(set(tests), key=lambda t: durations.get(t, 0))
+            return sorted(set(tests) - set(long_tests), key=lambda t: durations.get(t, 0))
 
         queue = [(mutant, "fast") for mutant in mutants if mutant.key not in equivalent]
         for mutant in mutants:
@@ -515,7 +528,7 @@ def main(argv=None):
         while queue or running:
             while queue and free:
                 mutant, tier = queue.pop(0)
-                tests = selection(mutant) if tier == "fast" else TARGETS[target]["slow"]
+                tests = selection(mutant) if tier == "fast" else slow_tier
                 if not tests:
                     mutant.status = "no tests"
                     continue
@@ -524,7 +537,7 @@ def main(argv=None):
                 with open(os.path.join(folder, target), "wb") as handle:
                     handle.write(pristine[: mutant.start] + mutant.replacement.encode() + pristine[mutant.stop:])
                 log = os.path.join(folder, "mutant.log")
-                budget = sum(durations.get(t, 1.0) for t in tests) if tier == "fast" else 300.0
+                budget = sum(durations.get(t, 1.0) for t in tests) + (300.0 * (tier == "slow"))
                 timeout = max(args.min_timeout, args.timeout_factor * budget)
                 pid = os.fork()
                 if pid == 0:
@@ -554,7 +567,7 @@ def main(argv=None):
                 if timed_out:
                     mutant.status, mutant.killer = "killed", "timeout"
                 elif exit_code == 0:
-                    if tier == "fast" and TARGETS[target]["slow"] and not args.no_slow:
+                    if tier == "fast" and slow_tier and not args.no_slow:
                         queue.append((mutant, "slow"))
                         continue
                     mutant.status = "survived"
@@ -566,21 +579,35 @@ def main(argv=None):
                 done += 1
                 if mutant.status == "survived":
                     print(f"  SURVIVED {mutant.short()}", flush=True)
-                if done % 50 == 0:
+                if done % 10 == 0:
                     print(f"  {done}/{len(queue) + len(running) + done} done, {time.time() - started:.0f} s",
                           flush=True)
         all_mutants.extend(mutants)
-        write_report(args.report, all_mutants, time.time() - started)
+        write_report(args.report, all_mutants, time.time() - started, previous)
     shutil.rmtree(args.workdir, ignore_errors=True)
-    summary = write_report(args.report, all_mutants, time.time() - started)
+    summary = write_report(args.report, all_mutants, time.time() - started, previous)
     print(summary)
     return 0
 
 
-def write_report(folder: str, mutants: list[Mutant], seconds: float) -> str:
+def load_report(folder: str) -> dict:
+    """The mutants of an earlier run in `folder` (its mutants.json), by key."""
+    path = os.path.join(folder, "mutants.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return {m["key"]: m for m in json.load(handle)}
+
+
+def write_report(folder: str, mutants: list[Mutant], seconds: float, previous: dict | None = None) -> str:
+    """mutants.json and summary.md in `folder`: this run's mutants, over the earlier run's (`previous`) with the same
+    key, so that runs of single targets or of the survivors only add up to one report."""
+    merged = dict(previous or {})
+    merged.update({m.key: asdict(m) for m in mutants if m.status != "pending"})
     with open(os.path.join(folder, "mutants.json"), "w") as handle:
-        json.dump([asdict(m) for m in mutants], handle, indent=1)
-    lines = [f"Mutation run: {len(mutants)} mutants in {seconds / 60:.1f} min", "",
+        json.dump(list(merged.values()), handle, indent=1)
+    mutants = [Mutant(**m) for m in merged.values()]
+    lines = [f"Mutation run: {len(mutants)} mutants (this run: {seconds / 60:.1f} min)", "",
              "| file | mutants | killed | survived | equivalent | no tests | score |", "|---|---|---|---|---|---|---|"]
     by_file = defaultdict(list)
     for mutant in mutants:
