@@ -196,6 +196,15 @@ def test_a_registered_member_works_in_every_front_end(tmp_path):
         register_quantizer("toy-farthest", type("Other", (CodebookQuantizer,), {}))
     with pytest.raises(ValueError, match="CodebookQuantizer subclasses"):
         register_quantizer("toy-module", torch.nn.Linear)
+    for name in ("", 3, None):
+        with pytest.raises(ValueError, match="non-empty string"):
+            register_quantizer(name, FarthestCodeQuantizer)
+    # A member that sets nothing inherits nearest-neighbour assignment in both modes, and only that at inference.
+    assert FarthestCodeQuantizer.inference_assignments == ("nearest",)
+    quantizer = FarthestCodeQuantizer(dim=4, codebook_size=8)
+    assert quantizer.train().assignment == "nearest" == quantizer.eval().assignment
+    assert FarthestCodeQuantizer.resolved_inference_assignment(
+        OptVQConfig(quantizer_type="toy-farthest", inference_assignment="sinkhorn")) == "nearest"
 
 
 def test_members_that_implement_nothing_say_so():
