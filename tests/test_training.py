@@ -307,6 +307,11 @@ def test_per_image_psnr_golden():
 # ----------------------------------------------------------------------------------------------------------------
 def _independent_psnr(model_dir: str, data_dir: str) -> float:
     """Mean per-image PSNR of a saved model on the test split, computed without the script's code."""
+    return _independent_evaluation(model_dir, data_dir)["psnr"]
+
+
+def _independent_evaluation(model_dir: str, data_dir: str) -> dict:
+    """Mean per-image PSNR and the code statistics of a saved model on the test split, without the script's code."""
     import datasets
 
     model = OptVQModel.from_pretrained(model_dir).eval()
@@ -318,7 +323,11 @@ def _independent_psnr(model_dir: str, data_dir: str) -> float:
     unit_rec = ((reconstruction.clamp(-1, 1) + 1) / 2).double()
     unit_ref = ((pixel_values + 1) / 2).double()
     mse = ((unit_rec - unit_ref) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse)).mean())
+    counts = np.bincount(model(pixel_values).token_ids.flatten().numpy(), minlength=model.config.codebook_size)
+    probabilities = counts[counts > 0] / counts.sum()
+    return {"psnr": float((10 * torch.log10(1 / mse)).mean()), "dead_codes": int((counts == 0).sum()),
+            "codebook_usage": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-(probabilities * np.log(probabilities)).sum()))}
 
 
 def test_script_trains_evaluates_saves_and_counts_corrupt_images(tiny_data, tmp_path):
@@ -333,13 +342,15 @@ def test_script_trains_evaluates_saves_and_counts_corrupt_images(tiny_data, tmp_
     assert on_disk["global_step"] == 4 and on_disk["skipped_train_images"] == 1
     assert on_disk["num_eval_images"] == 12
     assert metrics["psnr"] == pytest.approx(on_disk["psnr"])
-    assert 0 < on_disk["codebook_usage"] <= 1 and on_disk["dead_codes"] == round(32 * (1 - on_disk["codebook_usage"]))
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "grid.png",
                  "code_usage.png", "validation/grid-000002.png", "validation/code_usage-000002.png"):
         assert os.path.isfile(os.path.join(output, name)), name
     assert not [n for n in os.listdir(output) if n.startswith(".tmp")]
-    # The PSNR the script reports is the one an independent evaluation of the saved model gives.
-    assert _independent_psnr(output, tiny_data) == pytest.approx(on_disk["psnr"], abs=1e-3)
+    # The PSNR and code statistics the script reports are those an independent evaluation of the saved model gives.
+    independent = _independent_evaluation(output, tiny_data)
+    assert independent["psnr"] == pytest.approx(on_disk["psnr"], abs=1e-3)
+    assert independent["dead_codes"] == on_disk["dead_codes"] and independent["codebook_usage"] == pytest.approx(
+        on_disk["codebook_usage"]) and independent["perplexity"] == pytest.approx(on_disk["perplexity"], rel=1e-6)
     card = open(os.path.join(output, "README.md")).read()
     assert "## Training" in card and "psnr" in card and tiny_data in card
     from PIL import Image
