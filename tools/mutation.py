@@ -293,6 +293,11 @@ class _Collector(ast.NodeVisitor):
             self.add(node.func, f"call {name} -> {swapped}", head[: len(head) - len(name)] + swapped)
         if isinstance(node.func, ast.Attribute) and name in CALL_DROPS:
             self.add(node, f"call .{name}() dropped", f"({self.text(node.func.value)})")
+        if isinstance(node.func, ast.Attribute) and name == "detach" and isinstance(node.func.value, ast.BinOp):
+            # `(a - b).detach()` -> `a - b.detach()`: the straight-through estimator's classic slip
+            inner = node.func.value
+            self.add(node, "detach moved inward",
+                     f"({self.text(inner.left)}) {_op_text(inner.op)} ({self.text(inner.right)}).detach()")
         self.generic_visit(node)
 
 
