@@ -242,3 +242,16 @@ def test_the_codebook_learns_the_clusters_of_its_features():
     error_after, usage_after = evaluate()
     assert error_after < 0.15 * error_before, (error_before, error_after)
     assert usage_after == 1.0
+
+
+def test_initialization_follows_the_original_code():
+    """Table ~ N(0, 1), projection weight ~ N(0, 1 / code_dim), projection bias ~ U(-1/sqrt(code_dim), ...): the
+    sample moments of 16384 draws each, within a few standard errors."""
+    torch.manual_seed(0)
+    quantizer = OptVQQuantizer(dim=256, codebook_size=64, num_heads=2)  # code_dim 128
+    table, weight, bias = quantizer.embedding.weight, quantizer.projection.weight, quantizer.projection.bias
+    assert table.shape == (64, 128) and weight.shape == (128, 128)
+    assert abs(float(table.mean())) < 0.03 and float(table.std()) == pytest.approx(1.0, abs=0.03)
+    assert abs(float(weight.mean())) < 0.003 and float(weight.std()) == pytest.approx(128 ** -0.5, rel=0.03)
+    bound = 128 ** -0.5
+    assert float(bias.abs().max()) <= bound and float(bias.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.2)
