@@ -255,3 +255,20 @@ def test_initialization_follows_the_original_code():
     assert abs(float(weight.mean())) < 0.003 and float(weight.std()) == pytest.approx(128 ** -0.5, rel=0.03)
     bound = 128 ** -0.5
     assert float(bias.abs().max()) <= bound and float(bias.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.2)
+
+
+@pytest.mark.parametrize("use_projection", [True, False])
+def test_a_bfloat16_quantizer_uses_its_codebook_in_float32(use_projection):
+    """Parameters cast to bf16 (`module.to(torch.bfloat16)`): the codebook in use is computed in float32 from them,
+    and the tokens are the nearest codes of that float32 codebook."""
+    torch.manual_seed(0)
+    quantizer = OptVQQuantizer(dim=4, codebook_size=8, use_projection=use_projection).eval().to(torch.bfloat16)
+    table = quantizer.embedding.weight.double()
+    expected = table if not use_projection else torch.nn.functional.linear(
+        table, quantizer.projection.weight.double(), quantizer.projection.bias.double())
+    codebook = quantizer.codebook
+    assert codebook.dtype == torch.float32
+    torch.testing.assert_close(codebook.double(), expected, rtol=1e-6, atol=1e-6)
+    features = torch.randn(3, 4, 2, 2)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    assert torch.equal(quantizer(features).token_ids.flatten(), torch.cdist(rows, expected).argmin(1))

@@ -455,6 +455,8 @@ def main(argv=None):
     parser.add_argument("--no_slow", action="store_true", help="skip the slow tier")
     parser.add_argument("--max_test_seconds", type=float, default=3.0,
                         help="fast-tier tests that took longer in the baseline go to the slow tier")
+    parser.add_argument("--time_limit", type=float, default=None,
+                        help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
     parser.add_argument("--rerun", action="store_true",
                         help="run only the mutants that survived in the report's mutants.json (after adding tests)")
@@ -531,6 +533,11 @@ def main(argv=None):
         free = list(range(args.jobs))
         done = 0
         while queue or running:
+            if args.time_limit is not None and time.time() - started > 60 * args.time_limit:
+                for mutant, tier in queue:  # survivors of the fast tier stay survivors; the rest is not reported
+                    if tier == "slow":
+                        mutant.status, mutant.verdict = "survived", "fast tier only (time limit)"
+                queue.clear()
             while queue and free:
                 mutant, tier = queue.pop(0)
                 tests = selection(mutant) if tier == "fast" else slow_tier
@@ -587,6 +594,7 @@ def main(argv=None):
                 if done % 10 == 0:
                     print(f"  {done}/{len(queue) + len(running) + done} done, {time.time() - started:.0f} s",
                           flush=True)
+                    write_report(args.report, all_mutants + mutants, time.time() - started, previous)
         all_mutants.extend(mutants)
         write_report(args.report, all_mutants, time.time() - started, previous)
     shutil.rmtree(args.workdir, ignore_errors=True)
