@@ -249,7 +249,8 @@ def test_initialization_follows_the_original_code():
     sample moments of 16384 draws each, within a few standard errors."""
     torch.manual_seed(0)
     quantizer = OptVQQuantizer(dim=256, codebook_size=64, num_heads=2)  # code_dim 128
-    table, weight, bias = quantizer.embedding.weight, quantizer.projection.weight, quantizer.projection.bias
+    table, weight, bias = (p.detach() for p in (quantizer.embedding.weight, quantizer.projection.weight,
+                                                quantizer.projection.bias))
     assert table.shape == (64, 128) and weight.shape == (128, 128)
     assert abs(float(table.mean())) < 0.03 and float(table.std()) == pytest.approx(1.0, abs=0.03)
     assert abs(float(weight.mean())) < 0.003 and float(weight.std()) == pytest.approx(128 ** -0.5, rel=0.03)
