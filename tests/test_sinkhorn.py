@@ -156,6 +156,27 @@ def test_bad_arguments_raise_value_error(features, codebook, kwargs, match):
         sinkhorn_assign(features, codebook, **kwargs)
 
 
+@pytest.mark.parametrize("function", ["sinkhorn_assign", "sinkhorn_plan", "euclidean_argmin"])
+@pytest.mark.parametrize(
+    "features,codebook,match",
+    [
+        (torch.randn(4, 2), torch.randn(0, 2), "at least one code"),
+        (torch.randn(4, 2), torch.randn(5, 2, 1), r"\(K, d\)"),
+        (torch.randn(4, 2, 1), torch.randn(5, 2), r"\(N, d\)"),
+        (torch.randn(4, 3), torch.randn(5, 2), "last dimension"),
+        (torch.randn(4, 2), torch.randint(0, 3, (5, 2)), "floating point"),
+        (torch.randint(0, 3, (4, 2)), torch.randn(5, 2), "floating point"),
+    ],
+)
+def test_every_engine_entry_checks_features_and_codebook(function, features, codebook, match):
+    """Each check on its own (an empty codebook with the right width, integer codes next to float features, ...)."""
+    from optvq_hf import sinkhorn
+
+    with pytest.raises(ValueError, match=match):
+        getattr(sinkhorn, function)(features, codebook)
+    assert getattr(sinkhorn, function)(torch.randn(4, 2), torch.randn(5, 2)).shape[0] == 4  # and valid pairs pass
+
+
 @pytest.mark.parametrize("normalization", ["all", "dim", "none"])
 def test_traceable_dense_path_matches_published_algorithm(normalization):
     from optvq_hf.sinkhorn import dense_nearest_assign, dense_sinkhorn_assign
