@@ -198,3 +198,22 @@ def test_compiled_quantizer_gives_the_eager_tokens(training):
     compiled = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(features)
     assert int((compiled.token_ids != eager.token_ids).sum()) <= 1
     torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-4)
+
+
+def test_the_dense_helpers_match_their_formulas():
+    """`pairwise_euclidean` and `normalize_distances` (public, dense; the engine itself does not call them) against
+    the formulas written out in float64: Eqs. (11)-(12) for "all", the identity for "none"."""
+    from optvq_hf.sinkhorn import normalize_distances, pairwise_euclidean
+
+    torch.manual_seed(0)
+    features, codebook = torch.randn(7, 3), torch.randn(5, 3)
+    distances = pairwise_euclidean(features, codebook)
+    expected = ((features.double()[:, None] - codebook.double()[None]) ** 2).sum(-1).sqrt()
+    torch.testing.assert_close(distances.double(), expected, rtol=1e-5, atol=1e-6)
+    d = expected
+    normalized = (d - d.mean()) / (d.std() + 1e-6)
+    torch.testing.assert_close(normalize_distances(d), normalized - normalized.min(), rtol=1e-12, atol=1e-12)
+    assert normalize_distances(d, "none") is d
+    assert torch.equal(normalize_distances(torch.tensor([[3.0]])), torch.zeros(1, 1))  # one entry: no spread
+    with pytest.raises(ValueError, match="normalization"):
+        normalize_distances(d, "dim")
