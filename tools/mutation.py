@@ -407,7 +407,7 @@ def _child(workdir: str, args: list[str], log: str, plugin=None, result_file: st
 
 
 PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addopts=", "--hypothesis-seed=0",
-               "-W", "ignore", "--no-header", "-rN"]
+               "-W", "ignore", "--no-header", "-rfE"]
 
 
 def baseline(target: str, workdir: str, log: str) -> dict:
@@ -459,7 +459,7 @@ def main(argv=None):
                         help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
     parser.add_argument("--rerun", action="store_true",
-                        help="run only the mutants that survived in the report's mutants.json (after adding tests)")
+                        help="run only the mutants that survived (or were not judged) in the report's mutants.json")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--only", default="", help="run only mutants whose key contains this text")
     args = parser.parse_args(argv)
@@ -476,7 +476,7 @@ def main(argv=None):
         mutants_by_target = {t: ms[::args.sample] for t, ms in mutants_by_target.items()}
     previous = load_report(args.report)
     if args.rerun:
-        again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests")}
+        again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests", "error")}
         mutants_by_target = {t: [m for m in ms if m.key in again] for t, ms in mutants_by_target.items()}
     if args.list:
         for target, mutants in mutants_by_target.items():
@@ -583,11 +583,14 @@ def main(argv=None):
                         queue.append((mutant, "slow"))
                         continue
                     mutant.status = "survived"
-                else:
+                elif exit_code in (1, 2) or (exit_code is not None and exit_code < 0):
+                    # 1: a test failed; 2: collection broke (the mutant fails at import); < 0: it crashed the child
                     mutant.status = "killed"
                     mutant.killer = _killer(log) or f"exit {exit_code}"
                     if tier == "slow":
                         mutant.killer += " (slow tier)"
+                else:  # pytest's internal / usage errors, no tests collected, or this script's child failing
+                    mutant.status, mutant.killer = "error", f"exit {exit_code}; see {log}"
                 done += 1
                 if mutant.status == "survived":
                     print(f"  SURVIVED {mutant.short()}", flush=True)
@@ -633,6 +636,10 @@ def write_report(folder: str, mutants: list[Mutant], seconds: float, previous: d
                      f"| {count['no tests']} | {score:.1f} % |")
     lines += ["", "Survivors (no test fails):", ""]
     lines += [f"- {m.short()}  \n  key: `{m.key}`" for m in mutants if m.status in ("survived", "no tests")]
+    errors = [m for m in mutants if m.status == "error"]
+    if errors:
+        lines += ["", "Not judged (the run failed for another reason; `--rerun` runs them again):", ""]
+        lines += [f"- {m.short()}: {m.killer}" for m in errors]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "summary.md"), "w") as handle:
         handle.write(text)
