@@ -152,6 +152,31 @@ def test_bad_tokens_and_latents_raise_value_error():
         model.decode(torch.zeros(1, 6, 4, 4))
 
 
+def test_token_id_layouts_and_their_shape_checks():
+    """`check_token_ids` (behind decode_tokens, embed_token_ids and diffusers' get_codebook_entry): flat ids in
+    raster order with the heads innermost plus `shape=(B, h, w, C)`, 4-D ids, and each check on its own."""
+    model = tiny_model()  # 2 heads, 32 codes, embed_dim 8, latent_channels 16
+    tokens = torch.randint(0, 32, (2, 2, 4, 5))
+    flat = tokens.permute(0, 2, 3, 1).reshape(-1)
+    for shape in ((2, 4, 5, 8), (2, 4, 5, 16), (torch.tensor(2), 4, 5, torch.tensor([8]))):
+        assert torch.equal(model.check_token_ids(flat, shape=shape), tokens)
+    assert torch.equal(model.check_token_ids(tokens, shape=(2, 4, 5, 8)), tokens)
+    assert torch.equal(model.check_token_ids(tokens), tokens)
+    for shape in ((2, 4, 5), (2.0, 4, 5, 8), (torch.tensor([2, 2]), 4, 5, 8)):
+        with pytest.raises(ValueError, match=r"`shape` must be \(B, h, w, C\)"):
+            model.check_token_ids(flat, shape=shape)
+    with pytest.raises(ValueError, match=r"shape\[-1\]"):
+        model.check_token_ids(flat, shape=(2, 4, 5, 7))
+    with pytest.raises(ValueError, match="needs B\\*h\\*w"):
+        model.check_token_ids(flat[:-1], shape=(2, 4, 5, 8))
+    with pytest.raises(ValueError, match=r"must have shape \(1, 2, 4, 5\)"):
+        model.check_token_ids(tokens, shape=(1, 4, 5, 8))
+    with pytest.raises(ValueError, match=r"num_heads=2"):
+        model.check_token_ids(torch.zeros(2, 3, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="flat ids need `shape"):
+        model.check_token_ids(flat)
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -348,3 +373,17 @@ def test_a_tiny_model_learns_to_reconstruct_and_uses_its_codebook():
     error_after, usage_after = evaluate()
     assert error_after < 0.3 * error_before, (error_before, error_after)
     assert usage_after == 1.0 > usage_before, (usage_before, usage_after)
+
+
+def test_copying_weights_between_front_ends_names_the_keys_that_differ():
+    """The copy behind `OptVQVQModel.from_optvq` (and back): identical weights, or a `ValueError` naming the keys."""
+    model, without = tiny_model(), tiny_model(use_codebook_projection=False)
+    with pytest.raises(ValueError, match=r"missing \['quantizer.projection.bias', 'quantizer.projection.weight'\], "
+                                         r"unexpected \[\]"):
+        model._copy_weights_from(without)
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['quantizer.projection.bias', "
+                                         r"'quantizer.projection.weight'\]"):
+        without._copy_weights_from(model)
+    copy = OptVQModel(OptVQConfig(**TINY))  # other random weights
+    copy._copy_weights_from(model)
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values()))

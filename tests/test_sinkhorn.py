@@ -217,3 +217,12 @@ def test_the_dense_helpers_match_their_formulas():
     assert torch.equal(normalize_distances(torch.tensor([[3.0]])), torch.zeros(1, 1))  # one entry: no spread
     with pytest.raises(ValueError, match="normalization"):
         normalize_distances(d, "dim")
+
+
+def test_workspace_repr_gives_its_buffer_size():
+    from optvq_hf.sinkhorn import SinkhornWorkspace
+
+    workspace = SinkhornWorkspace()
+    assert repr(workspace) == "SinkhornWorkspace(0 MiB)"
+    workspace.get(1024, 1536, "cpu")  # 1024 * 1536 float32 = 6 MiB
+    assert workspace.buffer.numel() == 1024 * 1536 and repr(workspace) == "SinkhornWorkspace(6 MiB)"
