@@ -273,3 +273,31 @@ def test_a_bfloat16_quantizer_uses_its_codebook_in_float32(use_projection):
     features = torch.randn(3, 4, 2, 2)
     rows = features.permute(0, 2, 3, 1).reshape(-1, 4).double()
     assert torch.equal(quantizer(features).token_ids.flatten(), torch.cdist(rows, expected).argmin(1))
+
+
+def test_set_codebook_inverts_the_projection_and_falls_back_to_the_identity():
+    """With an invertible projection the table becomes W^-1 (codes - b) and the projection keeps its weights; with a
+    singular one the projection is reset to the identity and the table holds the codes."""
+    torch.manual_seed(0)
+    quantizer = OptVQQuantizer(dim=4, codebook_size=6)
+    codes = torch.randn(6, 4) * 3
+    weight, bias = quantizer.projection.weight.detach().clone(), quantizer.projection.bias.detach().clone()
+    quantizer.set_codebook(codes)
+    assert torch.equal(quantizer.projection.weight, weight) and torch.equal(quantizer.projection.bias, bias)
+    expected = torch.linalg.solve(weight.double(), (codes.double() - bias.double()).T).T
+    torch.testing.assert_close(quantizer.embedding.weight.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(quantizer.codebook, codes, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        quantizer.projection.weight[1] = quantizer.projection.weight[0]  # singular
+    quantizer.set_codebook(codes)
+    assert torch.equal(quantizer.projection.weight, torch.eye(4)) and torch.equal(quantizer.projection.bias,
+                                                                                 torch.zeros(4))
+    assert torch.equal(quantizer.embedding.weight, codes) and torch.equal(quantizer.codebook, codes)
+
+
+def test_a_one_code_quantizer_gives_code_zero_everywhere():
+    quantizer = OptVQQuantizer(dim=4, codebook_size=1).train()
+    output = quantizer(torch.randn(2, 4, 3, 3))
+    assert output.token_ids.shape == (2, 1, 3, 3) and not output.token_ids.any()
+    with pytest.raises(ValueError, match="codebook_size"):
+        OptVQQuantizer(dim=4, codebook_size=0)
