@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that installs offline here; a CUDA machine can pre-install its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-lowest package-check bench clean
+.PHONY: install demo test test-lowest package-check bench mutation clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ test-lowest:
 # folder and run the README's snippet, the metrics and the commands there (docs/installation.md).
 package-check:
 	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) .ci/package_check.py
+
+# Mutation testing of the core (tools/mutation.py, results in docs/testing.md): small edits of sinkhorn.py,
+# quantization.py, autoencoder.py and the training losses, each run against the fast tests that call the edited
+# function; a mutant that no test notices is listed in mutation-report/summary.md. Not part of `make test` or CI.
+# MUTATION_ARGS="--targets sinkhorn", "--rerun" (only the last report's survivors), "--sample 4" (every 4th mutant).
+MUTATION_ARGS ?=
+mutation: install
+	nice -n 5 $(BIN)/python tools/mutation.py $(MUTATION_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_quantizer.py

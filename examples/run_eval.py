@@ -91,9 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _distributed_state():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from optvq_hf.training import distributed_state
 
-        state = PartialState()
+        # On CPU, Accelerate sets up gloo only when asked for the CPU; else every process would evaluate everything.
+        state = distributed_state()
+        if state.num_processes != int(os.environ["WORLD_SIZE"]):
+            raise RuntimeError(f"Launched as {os.environ['WORLD_SIZE']} processes, but Accelerate set up "
+                               f"{state.num_processes} ({state.distributed_type}).")
         return state.num_processes, state.process_index, state
     return 1, 0, None
 

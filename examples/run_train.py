@@ -72,6 +72,7 @@ from optvq_hf.training import (  # noqa: E402
     save_checkpoint,
     save_final_model,
     set_cpu_threads,
+    several_processes_on_cpu,
     split_train_and_eval,
     split_weight_decay,
     to_pixel_values,
@@ -402,9 +403,8 @@ def train(args: argparse.Namespace) -> dict:
     output_dir = args.output_dir
     report_to = None if args.report_to in (None, "none", "") else args.report_to
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on CPU): DDP over gloo.
-    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(
-        cpu=not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        cpu=several_processes_on_cpu(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,

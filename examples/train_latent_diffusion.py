@@ -39,6 +39,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, LDMPipeline, UNet2DModel
 from PIL import Image
 
 from optvq_hf import OptVQConfig, OptVQModel, OptVQVQModel
+from optvq_hf.training.runtime import several_processes_on_cpu
 
 DEFAULT_MNIST_DIR = os.environ.get("OPTVQ_MNIST_DIR", "/work/shared/datasets/mnist")
 
@@ -223,7 +224,7 @@ def save_grid(images: np.ndarray, path: str):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=several_processes_on_cpu())  # torchrun on CPU: gloo, not N lone processes
     set_seed(args.seed)
     started = time.perf_counter()
 

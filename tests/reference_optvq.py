@@ -17,7 +17,8 @@ def reference_cost(features, codebook, normalization="all"):
     c = codebook.detach().double()
     distances = torch.sqrt(((z[:, None, :] - c[None, :, :]) ** 2).sum(-1))
     if normalization == "all":
-        cost = (distances - distances.mean()) / (distances.std() + 1e-6)
+        spread = distances.std() if distances.numel() > 1 else torch.zeros((), dtype=torch.float64)  # 1 entry: none
+        cost = (distances - distances.mean()) / (spread + 1e-6)
         return cost - cost.min()
     if normalization == "dim":
         return distances / math.sqrt(c.shape[1])
@@ -34,6 +35,34 @@ def reference_sinkhorn_assign(features, codebook, epsilon=10.0, num_iters=5, nor
         q = q / (q.sum(dim=1, keepdim=True) + 1e-8) / num_codes
         q = q / (q.sum(dim=0, keepdim=True) + 1e-8) / num_rows
     return q.t().argmax(dim=1)
+
+
+def reference_sinkhorn_log_plan(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):
+    """The published algorithm's plan, float64, in the log domain (no underflow), with its +1e-8 guards: `(N, K)`.
+
+    Its row-wise argmax is the published assignment wherever that is finite; entries within float32 resolution of
+    their row's largest are ties for any float32 implementation.
+    """
+    log_plan = -epsilon * reference_cost(features, codebook, normalization)
+    num_rows, num_codes = log_plan.shape
+    guard = torch.tensor(math.log(1e-8), dtype=torch.float64)
+    log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan.flatten(), 0), guard)
+    for _ in range(num_iters):
+        log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan, 0, keepdim=True), guard) - math.log(num_codes)
+        log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan, 1, keepdim=True), guard) - math.log(num_rows)
+    return log_plan
+
+
+def assert_near_optimal(ids, log_plan, tolerance):
+    """Every row's chosen code is within `tolerance` nats of its row's best under the float64 plan `log_plan`."""
+    ids = ids.reshape(-1)
+    best = log_plan.max(dim=1).values
+    chosen = log_plan.gather(1, ids[:, None].long()).squeeze(1)
+    gaps = best - chosen
+    assert bool((gaps <= tolerance).all()), (
+        f"{int((gaps > tolerance).sum())} of {ids.numel()} rows chose a code up to {float(gaps.max()):.3g} nats "
+        f"below the best (tolerance {tolerance})"
+    )
 
 
 def reference_equipartition_plan(features, codebook, epsilon=10.0, num_iters=5, normalization="all"):

@@ -175,13 +175,24 @@ def test_matches_reference_forward(original_folder, assignment):
 
 
 def test_sinkhorn_tokens_depend_on_batch_nearest_do_not(original_folder):
-    path, _ = original_folder
+    path, state = original_folder
     pixels = _pixels(batch=6)
     nearest = OptVQModel.from_pretrained(path, inference_assignment="nearest")
     with torch.no_grad():
         alone = nearest.encode(pixels[:1]).token_ids
         together = nearest.encode(pixels).token_ids[:1]
     assert torch.equal(alone, together)
+    # Sinkhorn assigns the whole batch jointly: the first image's tokens are the float64 reference's for the batch
+    # they were encoded in, and they differ between the two batches
+    sinkhorn = OptVQModel.from_pretrained(path, inference_assignment="sinkhorn")
+    codebook = reference_codebook(state)
+    features = reference_encode_features(state, pixels, num_levels=2)
+    with torch.no_grad():
+        alone = sinkhorn.encode(pixels[:1]).token_ids
+        together = sinkhorn.encode(pixels).token_ids[:1]
+    assert torch.equal(alone, reference_quantize(features[:1], codebook, 2, "sinkhorn")[1])
+    assert torch.equal(together, reference_quantize(features, codebook, 2, "sinkhorn")[1][:1])
+    assert not torch.equal(alone, together)
 
 
 def test_cli_writes_a_native_folder(original_folder, tmp_path, capsys):

@@ -198,6 +198,15 @@ def test_a_registered_member_works_in_every_front_end(tmp_path):
         register_quantizer("toy-farthest", type("Other", (CodebookQuantizer,), {}))
     with pytest.raises(ValueError, match="CodebookQuantizer subclasses"):
         register_quantizer("toy-module", torch.nn.Linear)
+    for name in ("", 3, None):
+        with pytest.raises(ValueError, match="non-empty string"):
+            register_quantizer(name, FarthestCodeQuantizer)
+    # A member that sets nothing inherits nearest-neighbour assignment in both modes, and only that at inference.
+    assert FarthestCodeQuantizer.inference_assignments == ("nearest",)
+    quantizer = FarthestCodeQuantizer(dim=4, codebook_size=8)
+    assert quantizer.train().assignment == "nearest" == quantizer.eval().assignment
+    assert FarthestCodeQuantizer.resolved_inference_assignment(
+        OptVQConfig(quantizer_type="toy-farthest", inference_assignment="sinkhorn")) == "nearest"
 
 
 def test_members_that_implement_nothing_say_so():
@@ -244,3 +253,24 @@ def test_a_registered_member_trains_and_evaluates_with_the_example_scripts(tmp_p
     with pytest.raises(ValueError, match="not one of the assignments"):
         run_eval.main(["--model", output, "--dataset_name", data, "--split", "test", "--output_dir",
                        str(tmp_path / "eval2"), "--inference_assignment", "sinkhorn"])
+
+
+def test_every_documented_default_is_the_real_one():
+    """Each "name (`type`, defaults to X)" in the docstrings of the config, the quantizer family and the Sinkhorn
+    engine's entry points is the default of the signature."""
+    import inspect
+    import re
+
+    from optvq_hf import sinkhorn
+
+    pattern = re.compile(r"^\s+(\w+) \(`[^`]*`(?:, \*optional\*)?, defaults to `?([^`)]*)`?\)", re.M)
+    documented = 0
+    for obj in [OptVQConfig, CodebookQuantizer, *(get_quantizer_class(t) for t in available_quantizer_types()),
+                sinkhorn.sinkhorn_assign, sinkhorn.sinkhorn_plan]:
+        signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+        for name, text in pattern.findall(inspect.getdoc(obj)):  # VectorQuantizer documents none of its own
+            value = eval(text, {"__builtins__": {}})  # noqa: S307 - literals of our own docstrings
+            default = signature.parameters[name].default
+            assert (list(default) if isinstance(default, tuple) else default) == value, (obj, name, text, default)
+            documented += 1
+    assert documented >= 45

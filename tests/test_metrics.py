@@ -300,25 +300,38 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     import torch.distributed as dist
     import optvq_hf.metrics as metrics
+    from optvq_hf.metrics.networks import ImageFeatureExtractor, LPIPSNetwork
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
     references = torch.rand(7, 1, 16, 16, generator=generator) * 2 - 1
     predictions = (references + 0.3 * torch.randn(7, 1, 16, 16, generator=generator)).clamp(-1, 1)
     tokens = torch.randint(0, 32, (7, 2, 4, 4), generator=generator)
+    torch.manual_seed(0)  # the same small networks on every process
+    lpips_network = LPIPSNetwork(stages=[[4], [6, 6]], in_channels=3).eval()
+    for lin in lpips_network.lins:
+        torch.nn.init.uniform_(lin.weight, 0.1, 1.0)
+    extractor = ImageFeatureExtractor(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=2), torch.nn.Tanh(),
+                                                          torch.nn.Conv2d(5, 4, 3)), image_size=20)
+    networks = {"lpips": dict(network=lpips_network, batch_size=1), "rfid": dict(feature_extractor=extractor,
+                                                                                 batch_size=1)}
     common = dict(num_process=world, process_id=rank, cache_dir=sys.argv[1])
-    psnr = metrics.load("psnr", experiment_id="p", **common)
-    ssim = metrics.load("ssim", experiment_id="s", **common)
+    loaded = {"psnr": metrics.load("psnr", experiment_id="p", **common),
+              "ssim": metrics.load("ssim", experiment_id="s", **common),
+              **{name: metrics.load(name, experiment_id=name, **kwargs, **common) for name, kwargs in networks.items()}}
     usage = metrics.load("codebook_usage", codebook_size=32, experiment_id="u", **common)
     for start in range(rank, 7, 2 * world):  # uneven shards, batches of up to 2 images
         index = list(range(start, min(start + 2 * world, 7), world))
-        psnr.add_batch(predictions=predictions[index], references=references[index])
-        ssim.add_batch(predictions=predictions[index], references=references[index])
+        for metric in loaded.values():
+            metric.add_batch(predictions=predictions[index], references=references[index])
         usage.add_batch(predictions=tokens[index])
-    results = {"psnr": psnr.compute(), "ssim": ssim.compute(), "usage": usage.compute()}
+    results = {name: metric.compute() for name, metric in loaded.items()}
+    results["usage"] = usage.compute()
     if rank == 0:
         single = {"psnr": metrics.load("psnr").compute(predictions=predictions, references=references),
                   "ssim": metrics.load("ssim").compute(predictions=predictions, references=references),
+                  **{name: metrics.load(name, **kwargs).compute(predictions=predictions, references=references)
+                     for name, kwargs in networks.items()},
                   "usage": metrics.load("codebook_usage", codebook_size=32).compute(predictions=tokens)}
         print("RESULT" + json.dumps({"distributed": results, "single": single}))
     else:
@@ -341,8 +354,35 @@ def test_two_process_reduction_is_exact(tmp_path):
 
     line = next(l for l in completed.stdout.splitlines() if l.startswith("RESULT"))
     payload = json.loads(line[len("RESULT"):])
-    assert payload["distributed"] == payload["single"]
-    assert payload["single"]["psnr"]["num_samples"] == 7
+    assert payload["distributed"] == payload["single"]  # every metric, LPIPS and rFID included, to the last bit
+    assert payload["single"]["psnr"]["num_samples"] == 7 and payload["single"]["rfid"]["num_samples"] == 7
+    assert payload["single"]["lpips"]["lpips"] > 0 and payload["single"]["rfid"]["rfid"] > 0
+
+
+@pytest.mark.parametrize("name", ["psnr", "ssim", "lpips", "rfid"])
+def test_any_batching_gives_the_same_result(name):
+    """PSNR and SSIM are bit-identical however the images are batched; so are LPIPS and rFID when the network sees
+    one image per call (`batch_size=1`), and within float32 rounding of the network otherwise (CPU and GPU kernels
+    round differently for different batch sizes)."""
+    torch.manual_seed(0)
+    extractor = ImageFeatureExtractor(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=2), torch.nn.Tanh(),
+                                                          torch.nn.Conv2d(5, 4, 3)), image_size=20)
+    kwargs = {"lpips": dict(network=_tiny_lpips()), "rfid": dict(feature_extractor=extractor)}.get(name, {})
+    predictions, references = _pair(seed=5, shape=(12, 3, 24, 24), noise=0.4)
+
+    def result(splits, **extra):
+        metric, start = metrics.load(name, **kwargs, **extra), 0
+        for size in splits:
+            metric.add_batch(predictions=predictions[start:start + size], references=references[start:start + size])
+            start += size
+        return metric.compute()[name]
+
+    batchings = ([12], [7, 5], [1] * 12, [3, 9])
+    exact = [result(splits, batch_size=1) if kwargs else result(splits) for splits in batchings]
+    assert len(set(exact)) == 1 and exact[0] > 0, exact
+    if kwargs:
+        batched = [result(splits) for splits in batchings]
+        assert batched == pytest.approx(exact, rel=1e-5)
 
 
 def test_inception_layout_and_loading_from_a_folder(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from optvq_hf import nearest_assign, sinkhorn_assign
-from reference_optvq import reference_sinkhorn_assign
+from optvq_hf.sinkhorn import sinkhorn_plan
+from reference_optvq import assert_near_optimal, reference_sinkhorn_assign, reference_sinkhorn_log_plan
 
 
 def _data(num_rows, num_codes, dim, seed, scale=1.0):
@@ -26,6 +27,9 @@ def test_matches_published_algorithm(num_rows, num_codes, dim, normalization):
         assert ours.shape == (num_rows,) and ours.dtype == torch.long
         mismatches += int((ours != reference).sum())
         total += num_rows
+        # a row that differs chose a code the float64 plan rates as good as the best, to float32 resolution
+        log_plan = reference_sinkhorn_log_plan(features, codebook, 10.0, 5, normalization)
+        assert_near_optimal(ours, log_plan, 1e-4)
     # float32 vs float64: only exact near-ties may flip.
     assert mismatches <= max(1, total // 500)
 
@@ -70,16 +74,64 @@ def test_underflow_is_finite_and_sensible():
                        nearest_assign(features, codebook))
 
 
-@pytest.mark.parametrize("num_rows,num_codes", [(1, 1), (1, 8), (8, 1), (3, 50)])
-def test_degenerate_sizes(num_rows, num_codes):
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("num_rows,num_codes", [(1, 1), (1, 8), (8, 1), (3, 50), (2, 2)])
+def test_degenerate_sizes(num_rows, num_codes, normalization):
     features, codebook = _data(num_rows, num_codes, 3, seed=1)
-    ids = sinkhorn_assign(features, codebook)
-    assert ids.shape == (num_rows,) and int(ids.min()) >= 0 and int(ids.max()) < num_codes
+    log_plan = reference_sinkhorn_log_plan(features, codebook, 10.0, 5, normalization)
+    for streaming in (False, True):
+        ids = sinkhorn_assign(features, codebook, normalization=normalization, streaming=streaming)
+        assert ids.shape == (num_rows,) and ids.dtype == torch.long
+        # With one row, every code that is not limited by the 1e-8 guard has the same plan entry after the first
+        # code normalization (to float32 resolution): ties; elsewhere the float64 plan's best code.
+        assert_near_optimal(ids, log_plan, 1e-4)
+        if num_rows > 1:
+            assert torch.equal(ids, reference_sinkhorn_assign(features, codebook, normalization=normalization))
+    if num_codes == 1:
+        assert sinkhorn_assign(features, codebook).tolist() == [0] * num_rows
 
 
-def test_identical_features_do_not_produce_nan():
-    ids = sinkhorn_assign(torch.ones(16, 4), torch.ones(8, 4))
-    assert ids.shape == (16,) and int(ids.max()) < 8
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("dim", [3, 6])  # exact coordinate differences, and the matmul path
+def test_equal_distances_give_code_zero_everywhere(normalization, dim):
+    """std 0 (every distance equal): a uniform plan, code 0 for every row (the published algorithm's first maximum),
+    in every path; the soft plan is uniform."""
+    point = torch.zeros(16, dim)
+    equidistant = torch.cat([torch.eye(dim), -torch.eye(dim)]) * 2.0  # every code at distance 2 from every row
+    for features, codebook in ((torch.ones(16, dim), torch.ones(8, dim)), (point, equidistant)):
+        assert reference_sinkhorn_assign(features, codebook, normalization=normalization).tolist() == [0] * 16
+        for streaming in (False, True):
+            for num_iters in (0, 1, 5):
+                ids = sinkhorn_assign(features, codebook, num_iters=num_iters, normalization=normalization,
+                                      streaming=streaming)
+                assert ids.tolist() == [0] * 16, (streaming, num_iters)
+        plan = sinkhorn_plan(features, codebook, normalization=normalization)
+        torch.testing.assert_close(plan, torch.full_like(plan, 1 / codebook.shape[0]))
+
+
+def test_quantizer_with_equal_codes_gives_code_zero():
+    from optvq_hf import OptVQQuantizer
+
+    quantizer = OptVQQuantizer(dim=8, codebook_size=16, num_heads=2, use_projection=False)
+    with torch.no_grad():
+        quantizer.embedding.weight.fill_(0.25)
+    features = torch.randn(2, 8, 3, 3)
+    for training in (True, False):
+        assert quantizer.train(training)(features).token_ids.unique().tolist() == [0]
+
+
+@pytest.mark.parametrize("normalization", ["dim", "none"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_capped_cost_scale_gives_the_nearest_code(normalization, streaming):
+    """Near float32's largest values the cost scale (epsilon over the distances' power-of-two scale) would pass
+    float32's range: it is capped at 1e20, where the plan is one-hot on the nearest code."""
+    features, codebook = _data(300, 32, 4, seed=4, scale=3e37)
+    assert torch.isfinite(features).all() and features.abs().max() > 1e38
+    nearest = torch.cdist(features.double(), codebook.double()).argmin(1)
+    ids = sinkhorn_assign(features, codebook, normalization=normalization, streaming=streaming, block_size=64)
+    assert torch.equal(ids, nearest)
+
+
 
 
 def test_gradients_are_not_tracked():
@@ -104,6 +156,27 @@ def test_bad_arguments_raise_value_error(features, codebook, kwargs, match):
         sinkhorn_assign(features, codebook, **kwargs)
 
 
+@pytest.mark.parametrize("function", ["sinkhorn_assign", "sinkhorn_plan", "euclidean_argmin"])
+@pytest.mark.parametrize(
+    "features,codebook,match",
+    [
+        (torch.randn(4, 2), torch.randn(0, 2), "at least one code"),
+        (torch.randn(4, 2), torch.randn(5, 2, 1), r"\(K, d\)"),
+        (torch.randn(4, 2, 1), torch.randn(5, 2), r"\(N, d\)"),
+        (torch.randn(4, 3), torch.randn(5, 2), "last dimension"),
+        (torch.randn(4, 2), torch.randint(0, 3, (5, 2)), "floating point"),
+        (torch.randint(0, 3, (4, 2)), torch.randn(5, 2), "floating point"),
+    ],
+)
+def test_every_engine_entry_checks_features_and_codebook(function, features, codebook, match):
+    """Each check on its own (an empty codebook with the right width, integer codes next to float features, ...)."""
+    from optvq_hf import sinkhorn
+
+    with pytest.raises(ValueError, match=match):
+        getattr(sinkhorn, function)(features, codebook)
+    assert getattr(sinkhorn, function)(torch.randn(4, 2), torch.randn(5, 2)).shape[0] == 4  # and valid pairs pass
+
+
 @pytest.mark.parametrize("normalization", ["all", "dim", "none"])
 def test_traceable_dense_path_matches_published_algorithm(normalization):
     from optvq_hf.sinkhorn import dense_nearest_assign, dense_sinkhorn_assign
@@ -125,3 +198,31 @@ def test_compiled_quantizer_gives_the_eager_tokens(training):
     compiled = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(features)
     assert int((compiled.token_ids != eager.token_ids).sum()) <= 1
     torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-4)
+
+
+def test_the_dense_helpers_match_their_formulas():
+    """`pairwise_euclidean` and `normalize_distances` (public, dense; the engine itself does not call them) against
+    the formulas written out in float64: Eqs. (11)-(12) for "all", the identity for "none"."""
+    from optvq_hf.sinkhorn import normalize_distances, pairwise_euclidean
+
+    torch.manual_seed(0)
+    features, codebook = torch.randn(7, 3), torch.randn(5, 3)
+    distances = pairwise_euclidean(features, codebook)
+    expected = ((features.double()[:, None] - codebook.double()[None]) ** 2).sum(-1).sqrt()
+    torch.testing.assert_close(distances.double(), expected, rtol=1e-5, atol=1e-6)
+    d = expected
+    normalized = (d - d.mean()) / (d.std() + 1e-6)
+    torch.testing.assert_close(normalize_distances(d), normalized - normalized.min(), rtol=1e-12, atol=1e-12)
+    assert normalize_distances(d, "none") is d
+    assert torch.equal(normalize_distances(torch.tensor([[3.0]])), torch.zeros(1, 1))  # one entry: no spread
+    with pytest.raises(ValueError, match="normalization"):
+        normalize_distances(d, "dim")
+
+
+def test_workspace_repr_gives_its_buffer_size():
+    from optvq_hf.sinkhorn import SinkhornWorkspace
+
+    workspace = SinkhornWorkspace()
+    assert repr(workspace) == "SinkhornWorkspace(0 MiB)"
+    workspace.get(1024, 1536, "cpu")  # 1024 * 1536 float32 = 6 MiB
+    assert workspace.buffer.numel() == 1024 * 1536 and repr(workspace) == "SinkhornWorkspace(6 MiB)"

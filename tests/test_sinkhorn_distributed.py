@@ -13,17 +13,21 @@ from training_helpers import free_port
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "results.json"
+def run_two_ranks(worker: str, out: pathlib.Path) -> dict:
+    """Run `tests/<worker>` under torchrun with 2 gloo processes; return the JSON it wrote to `out`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent / "src"))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / "sinkhorn_distributed_worker.py"), str(out),
+        "--master_port", str(free_port()), str(HERE / worker), str(out),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_two_ranks("sinkhorn_distributed_worker.py", tmp_path_factory.mktemp("dist") / "results.json")
 
 
 @pytest.mark.slow
@@ -56,3 +60,12 @@ def test_otvae_targets_are_global_in_training_only_and_honor_the_process_group(r
     assert result["synced_error"] < 1e-5, result  # training: the global batch
     assert result["group_error"] < 1e-6, result  # its own one-rank process_group: its own rows
     assert result["eval_error"] < 1e-6, result  # eval: its own rows, and no collective (rank 1 did not join)
+
+
+@pytest.mark.slow
+def test_eval_mode_never_synchronizes(tmp_path):
+    """sinkhorn.md: "In eval mode it never synchronizes." Only rank 0 quantizes (OptVQ with Sinkhorn inference, OT-VAE's
+    targets, a model's encode) while rank 1 joins no collective: a collective would fail rank 0 at its 30 s timeout."""
+    result = run_two_ranks("sinkhorn_eval_worker.py", tmp_path / "eval.json")
+    assert result["optvq"] and result["model"], result  # the tokens of rank 0's rows alone
+    assert result["otvae"] < 1e-6, result

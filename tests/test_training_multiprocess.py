@@ -38,6 +38,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_data, tmp
     two = str(tmp_path / "two")
     args = tiny_args(tiny_data, two, *overrides)
     args[args.index("--train_batch_size") + 1] = "4"
+    args[args.index("--report_to") + 1] = "tensorboard"
     if quantizer == "vq":
         args[args.index("--config_overrides") + 1] += ",quantizer_type=vq,num_heads=1"
     result = _launch_two_processes(args)
@@ -48,6 +49,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_data, tmp
     single = tiny_args(tiny_data, one, *overrides)
     single[single.index("--train_batch_size") + 1] = "8"
     single[single.index("--config_overrides") + 1] = args[args.index("--config_overrides") + 1]
+    single[single.index("--report_to") + 1] = "tensorboard"
     run_train.main(single)
 
     m_two, m_one = (json.load(open(os.path.join(d, "metrics.json"))) for d in (two, one))
@@ -60,5 +62,41 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_data, tmp
     assert m_two["num_eval_images"] == m_one["num_eval_images"] == 12
     assert m_two["psnr"] == pytest.approx(m_one["psnr"], abs=1e-3)
     assert m_two["codebook_usage"] == pytest.approx(m_one["codebook_usage"])
+    # The logged training metrics are reduced over both processes: each step's losses and codebook statistics are
+    # those of the whole global batch (one process's half alone gives other numbers).
+    logged_two, logged_one = _train_scalars(two), _train_scalars(one)
+    assert set(logged_two) == set(logged_one) >= {"train/loss", "train/l1", "train/codebook_usage", "train/perplexity"}
+    for tag in logged_one:
+        if tag != "train/reconstruction_spread":  # the main process's last batch, a diagnostic
+            assert [step for step, _ in logged_two[tag]] == [step for step, _ in logged_one[tag]] == [1, 2, 3], tag
+            assert [v for _, v in logged_two[tag]] == pytest.approx([v for _, v in logged_one[tag]], rel=1e-3,
+                                                                    abs=1e-6), tag
     # Only the main process wrote: one final model, no temporary folders.
     assert not [n for n in os.listdir(two) if n.startswith(".tmp")]
+    if quantizer == "optvq":
+        # Stopped after 2 steps and resumed with 2 processes, the run ends with the uninterrupted run's weights.
+        resumed = str(tmp_path / "resumed")
+        args_resumed = [resumed if a == two else a for a in args]
+        for extra in (["--stop_after_steps", "2"], ["--resume_from_checkpoint", "latest"]):
+            result = _launch_two_processes(args_resumed + extra)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert os.path.isdir(os.path.join(resumed, "checkpoint-2"))
+        w_resumed = load_file(os.path.join(resumed, "model.safetensors"))
+        assert all(torch.equal(w_resumed[key], w_two[key]) for key in w_two)
+
+
+def _train_scalars(output_dir: str) -> dict:
+    """{tag: [(step, value), ...]} of the `train/` scalars a run logged to TensorBoard (its event files, the
+    hyperparameters' included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for folder, _, files in os.walk(os.path.join(output_dir, "logs")):
+        for name in files:
+            if name.startswith("events.out.tfevents"):
+                accumulator = EventAccumulator(os.path.join(folder, name)).Reload()
+                for tag in accumulator.Tags()["scalars"]:
+                    if tag.startswith("train/"):
+                        assert tag not in scalars, f"{tag} logged twice"
+                        scalars[tag] = [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return scalars

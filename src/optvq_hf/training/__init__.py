@@ -73,7 +73,9 @@ from .losses import (
 )
 from .metrics import codebook_statistics, per_image_psnr, save_reconstruction_grid, save_usage_histogram
 from .optim import SCHEDULERS, build_optimizer, build_param_groups, build_scheduler, split_weight_decay
-from .runtime import accelerate_state_conflicts, distributed_state, run_in_fresh_process, set_cpu_threads
+from .runtime import (
+    accelerate_state_conflicts, distributed_state, run_in_fresh_process, set_cpu_threads, several_processes_on_cpu,
+)
 
 __all__ = [
     "checkpoint_step", "list_checkpoints", "resolve_resume_checkpoint", "save_checkpoint", "save_final_model",
@@ -90,4 +92,5 @@ __all__ = [
     "codebook_statistics", "per_image_psnr", "save_reconstruction_grid", "save_usage_histogram",
     "SCHEDULERS", "build_optimizer", "build_param_groups", "build_scheduler", "split_weight_decay",
     "accelerate_state_conflicts", "distributed_state", "run_in_fresh_process", "set_cpu_threads",
+    "several_processes_on_cpu",
 ]

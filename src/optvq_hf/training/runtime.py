@@ -10,7 +10,8 @@ import traceback
 
 import torch
 
-__all__ = ["set_cpu_threads", "distributed_state", "accelerate_state_conflicts", "run_in_fresh_process"]
+__all__ = ["set_cpu_threads", "several_processes_on_cpu", "distributed_state", "accelerate_state_conflicts",
+           "run_in_fresh_process"]
 
 
 def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1):
@@ -24,16 +25,24 @@ def set_cpu_threads(num_threads: int | None = None, num_local_processes: int = 1
         torch.set_num_threads(max(1, cores // max(1, num_local_processes)))
 
 
+def several_processes_on_cpu() -> bool:
+    """Whether this process is one of several that a launcher (`torchrun`, `accelerate launch --multi_gpu`) started
+    on a machine without a GPU or XPU. Accelerate then sets up `DistributedType.MULTI_CPU` (gloo) only when asked
+    for the CPU: pass this as `cpu=` to `Accelerator` / `PartialState`; without it every process runs alone, on all
+    the data, as if it were the only one."""
+    world_size = max(int(os.environ.get(name) or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return world_size > 1 and not has_accelerator
+
+
 def distributed_state():
     """Accelerate's `PartialState` of this process, for scripts that split work over processes without an
-    `Accelerator` (inference, tokenization). On a machine without a GPU, `PartialState()` under `torchrun` or
-    `accelerate launch --multi_gpu` reports `DistributedType.NO` (every process would believe it is the only one);
-    this asks for the CPU (gloo) state there, so several launched processes give `DistributedType.MULTI_CPU` with
-    their real ranks."""
+    `Accelerator` (inference, tokenization): the CPU (gloo) state when several launched processes share a machine
+    without a GPU (`several_processes_on_cpu`), so they get `DistributedType.MULTI_CPU` with their real ranks instead
+    of each believing it is the only one."""
     from accelerate import PartialState
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=several and not torch.cuda.is_available())
+    return PartialState(cpu=several_processes_on_cpu())
 
 
 def accelerate_state_conflicts(mixed_precision: str | None = None) -> bool:
