@@ -229,10 +229,14 @@ def test_bfloat16_loading_keeps_quantizer_in_float32(tmp_path):
     assert torch.equal(out.token_ids, reference["ids"])
     assert out.quantization_loss.dtype == torch.float32
     torch.testing.assert_close(out.quantization_loss.double(), reference["loss"], atol=0, rtol=1e-6)
-    # and the bf16 model reconstructs what the float32 model does, to bf16 precision
+    # and the bf16 model reconstructs what the float32 model does, to bf16 precision: it picks (nearly) the same
+    # codes (a latent within bf16 rounding of two codes may flip), and decodes any given codes as the float32 model
+    full_model = tiny_model().eval()
     with torch.no_grad():
-        full = tiny_model().eval()(pixels())
-    torch.testing.assert_close(out.reconstruction.float(), full.reconstruction, atol=0.05, rtol=0.05)
+        full = full_model(pixels())
+        full_from_bf16_codes = full_model.decode_tokens(out.token_ids)
+    assert (out.token_ids == full.token_ids).float().mean() >= 0.95
+    torch.testing.assert_close(out.reconstruction.float(), full_from_bf16_codes, atol=0.05, rtol=0.05)
 
 
 def test_training_under_bf16_autocast_computes_the_quantizer_in_float32():
