@@ -213,3 +213,37 @@ def test_gumbel_softmax_samples_the_categorical():
     torch.testing.assert_close(samples.mean(0), logits[0].exp(), atol=5e-3, rtol=0)
     soft = gumbel_softmax(logits[:8], 0.5)
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("normalization", ["all", "dim"])
+def test_fused_training_pass_matches_float64_autograd(hard, normalization):
+    """The blocked training pass (its own backward) against the dense float64 autograd graph, the same noise."""
+    quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
+                               gumbel_temperature=0.7, commitment_weight=0.5).train()
+    flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks
+    torch.manual_seed(1)
+    decoded, loss, token_ids = quantizer.quantize_rows(flat, quantizer.codebook)
+    upstream = torch.randn_like(decoded)
+    grads = torch.autograd.grad((decoded * upstream).sum() + 3 * loss, [flat, quantizer.embedding.weight])
+
+    torch.manual_seed(1)
+    targets = quantizer.targets(flat, quantizer.codebook).double()
+    features, codebook = flat.double(), quantizer.codebook.double()
+    distances = torch.cdist(features, codebook)
+    logits = -quantizer.distance_scale(features, codebook, distances) * distances
+    expected_loss = 0.5 * torch.nn.functional.cross_entropy(logits, targets)
+    tiny = torch.finfo(torch.float32).tiny
+    noise = torch.empty(logits.shape).uniform_(tiny, 1.0).log_().neg_().log_().neg_().double()  # float32 draws
+    weights = torch.softmax((logits + noise) / 0.7, dim=1)
+    if hard:
+        one_hot = torch.zeros_like(weights).scatter_(1, weights.argmax(1, keepdim=True), 1.0)
+        weights = one_hot - weights.detach() + weights
+    expected = weights @ codebook
+    expected_grads = torch.autograd.grad((expected * upstream.double()).sum() + 3 * expected_loss,
+                                         [flat, quantizer.embedding.weight])
+    assert torch.equal(token_ids, weights.argmax(1))
+    torch.testing.assert_close(decoded.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4 * float(expected_grad.abs().max()))

@@ -40,7 +40,7 @@ from torch import nn
 
 from .codebook_losses import distance_cross_entropy, distance_std
 from .quantization import CodebookQuantizer, register_quantizer
-from .sinkhorn import VALID_NORMALIZATIONS, sinkhorn_plan
+from .sinkhorn import VALID_NORMALIZATIONS, _Distances, sinkhorn_plan
 
 __all__ = ["OTVAEQuantizer", "equipartition_targets", "gumbel_softmax"]
 
@@ -74,6 +74,114 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
         return soft
     one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
     return one_hot - soft.detach() + soft
+
+
+_DECODE_BLOCK_ENTRIES = 1 << 18  # entries per block of the fused training pass (1 MiB in float32: cache-sized)
+
+
+def _coordinate_sum(weights: torch.Tensor, codes_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out = weights @ codes_t.T` for `weights` `(n, K)` and `codes_t` `(d, K)` with small `d`: one matrix-vector
+    product per coordinate (a matmul with `d` output columns is slow on CPU for `d <= 4`)."""
+    for k in range(codes_t.shape[0]):
+        torch.mv(weights, codes_t[k], out=out[:, k])
+    return out
+
+
+class _GumbelDecode(torch.autograd.Function):
+    """OT-VAE's training pass, block by block with its own backward: the cross-entropy of `softmax(-s D)` to the
+    targets and the Gumbel-softmax decoding `y @ codebook`, with `D` the Euclidean distances from the Sinkhorn
+    engine's distance blocks. Only the Gumbel sample `y` is kept for backward (it holds the noise); the distances,
+    logits and softmax are recomputed per block."""
+
+    @staticmethod
+    def forward(ctx, features, codebook, targets, scale, divide_by_std, weight, temperature, hard):
+        num_rows, num_codes = features.shape[0], codebook.shape[0]
+        distances = _Distances(features.detach(), codebook.detach(), None, name="otvae")
+        inverse = 1.0 / distances.scale  # a power of two: exact
+        rows = max(1, _DECODE_BLOCK_ENTRIES // num_codes)
+        wide = torch.float32 if features.device.type == "mps" else torch.float64  # MPS has no float64
+        if divide_by_std:  # s = scale / std(D): a first pass, float64 sums (the scale carries no gradient)
+            sums = features.new_zeros(2, dtype=wide)
+            for start in range(0, num_rows, rows):
+                distance = distances.block(start, min(start + rows, num_rows)).mul_(inverse)
+                sums[0] += distance.sum(dtype=wide)
+                sums[1] += torch.mul(distance, distance).sum(dtype=wide)
+            count = num_rows * num_codes
+            std = ((sums[1] - sums[0] * sums[0] / max(count, 1)).clamp_min(0) / max(count - 1, 1)).sqrt().float()
+            scale = scale / (std + 1e-6)
+        codes_t = codebook.detach().t().contiguous()
+        decoded = features.new_empty(num_rows, codebook.shape[1])
+        token_ids = torch.empty(num_rows, dtype=torch.long, device=features.device)
+        samples = []
+        log_norms = features.new_empty(num_rows)  # per row: the backward's softmax is exp(logits - log_norm)
+        total = features.new_zeros((), dtype=wide)
+        tiny = torch.finfo(features.dtype).tiny
+        for start in range(0, num_rows, rows):
+            stop = min(start + rows, num_rows)
+            logits = distances.block(start, stop).mul_(-scale * inverse)
+            block_targets = targets[start:stop]
+            log_norm = torch.logsumexp(logits, dim=1)
+            log_norms[start:stop] = log_norm
+            total += (block_targets.sum(1) * log_norm - (block_targets * logits).sum(1)).sum(dtype=total.dtype)
+            # Gumbel noise -log(-log u), as gumbel_softmax (the same draws in the same order)
+            noise = torch.empty_like(logits).uniform_(tiny, 1.0).log_().neg_().log_()
+            logits.sub_(noise)
+            sample = torch.softmax(logits if temperature == 1.0 else logits.div_(temperature), dim=1)
+            torch.argmax(sample, dim=1, out=token_ids[start:stop])
+            if not hard:
+                _coordinate_sum(sample, codes_t, decoded[start:stop])
+            samples.append(sample)
+        if hard:
+            decoded = codebook.detach()[token_ids]
+        ctx.save_for_backward(features, codebook, targets, token_ids, log_norms)
+        ctx.samples, ctx.rows, ctx.scale, ctx.weight, ctx.temperature = samples, rows, scale, weight, temperature
+        ctx.hard = hard
+        ctx.mark_non_differentiable(token_ids)
+        loss = (total * (weight / max(num_rows, 1))).to(features.dtype)
+        return decoded, loss, token_ids
+
+    @staticmethod
+    def backward(ctx, grad_decoded, grad_loss, _grad_ids):
+        features, codebook, targets, token_ids, log_norms = ctx.saved_tensors
+        samples, rows, scale, temperature = ctx.samples, ctx.rows, ctx.scale, ctx.temperature
+        num_rows = features.shape[0]
+        distances = _Distances(features, codebook, None, name="otvae")
+        inverse = 1.0 / distances.scale
+        codes_t = codebook.t().contiguous()
+        grad_features = torch.empty_like(features)
+        grad_codebook_t = torch.zeros_like(codes_t)  # (d, K): one matrix-vector product per coordinate
+        code_weights = codebook.new_zeros(codebook.shape[0])
+        loss_factor = grad_loss * (ctx.weight / max(num_rows, 1))
+        row_weights = features.new_empty(rows, 1)
+        for index, start in enumerate(range(0, num_rows, rows)):
+            stop = min(start + rows, num_rows)
+            block, sample, grad_rows = features[start:stop], samples[index], grad_decoded[start:stop]
+            distance = distances.block(start, stop).mul_(inverse)
+            # d loss / d logits: weight * (softmax * sum(targets) - targets) / N, as torch's cross-entropy
+            block_targets = targets[start:stop]
+            grad_logits = torch.mul(distance, -scale).sub_(log_norms[start:stop, None]).exp_()  # the softmax
+            grad_logits.mul_(block_targets.sum(1, keepdim=True)).sub_(block_targets).mul_(loss_factor)
+            # through y = softmax((logits + g) / T) and decoded = y @ codebook: y (dy - <y, dy>) / T, dy = g_out C^T
+            grad_sample = torch.mul(grad_rows[:, :1], codes_t[:1])
+            for k in range(1, codes_t.shape[0]):
+                grad_sample.addcmul_(grad_rows[:, k : k + 1], codes_t[k : k + 1])
+            if not ctx.hard:  # hard: the straight-through one-hot (decoded = one_hot @ codebook) carries the code term
+                for k in range(codes_t.shape[0]):
+                    grad_codebook_t[k].addmv_(sample.t(), grad_rows[:, k])
+            dot = (sample * grad_sample).sum(1, keepdim=True)
+            grad_logits.addcmul_(sample, grad_sample.sub_(dot), value=1.0 / temperature)
+            # logits = -s D; d D / dz = (z - c) / D (0 at z = c, as torch.cdist)
+            grad_distance = grad_logits.mul_(-scale).div_(distance).masked_fill_(distance == 0, 0.0)
+            torch.sum(grad_distance, dim=1, keepdim=True, out=row_weights[: stop - start])
+            _coordinate_sum(grad_distance, codes_t, grad_features[start:stop])
+            grad_features[start:stop] = block * row_weights[: stop - start] - grad_features[start:stop]
+            for k in range(codes_t.shape[0]):
+                grad_codebook_t[k].addmv_(grad_distance.t(), block[:, k], alpha=-1.0)
+            code_weights += grad_distance.sum(0)
+        grad_codebook = grad_codebook_t.t() + codebook * code_weights[:, None]
+        if ctx.hard:
+            grad_codebook.index_add_(0, token_ids, grad_decoded)
+        return grad_features, grad_codebook, None, None, None, None, None, None
 
 
 @register_quantizer("otvae")
@@ -184,13 +292,17 @@ class OTVAEQuantizer(CodebookQuantizer):
             return flat, flat.sum() * 0.0 + codebook.sum() * 0.0, flat.new_zeros(0, dtype=torch.long)
         targets = self.targets(flat, codebook)
         if self.training:
-            # The Gumbel decoding needs the (N, K) logits anyway: the loss reuses them.
-            distances = torch.cdist(flat, codebook)
-            scale = self.distance_scale(flat, codebook, distances)
-            logits = distances * -scale
-            loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
-            weights = gumbel_softmax(logits, self.gumbel_temperature, self.gumbel_hard)
-            return weights @ codebook, loss, weights.detach().argmax(dim=1)
+            if torch.compiler.is_compiling():  # tensor ops only, so a compiled graph does not break
+                distances = torch.cdist(flat, codebook)
+                logits = distances * -self.distance_scale(flat, codebook, distances)
+                loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
+                weights = gumbel_softmax(logits, self.gumbel_temperature, self.gumbel_hard)
+                return weights @ codebook, loss, weights.detach().argmax(dim=1)
+            # One fused pass, block by block: the loss and the Gumbel decoding share each block's logits.
+            divide_by_std = self.normalization == "all"
+            scale = self.logit_scale * self.epsilon if divide_by_std else self.distance_scale(flat, codebook)
+            return _GumbelDecode.apply(flat, codebook, targets.detach().to(flat.dtype), scale, divide_by_std,
+                                       self.commitment_weight, self.gumbel_temperature, self.gumbel_hard)
         # Block by block with its own backward: no (N, K) logits or softmax kept for backward.
         scale = self.distance_scale(flat, codebook)
         loss = self.commitment_weight * distance_cross_entropy(flat, codebook, targets, scale=scale)
