@@ -28,6 +28,7 @@ turn (`accelerate launch --num_processes N` or `torchrun --nproc_per_node N`, CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -498,7 +499,7 @@ def main(args=None) -> dict:
                     len(finished), world_size, grid[0], grid[1], config.num_heads, sequence_length, dtype)
 
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision],
-                              enabled=True) if args.mixed_precision != "no" else _NullContext()
+                              enabled=True) if args.mixed_precision != "no" else contextlib.nullcontext()
     progress = tqdm(total=my_rows, unit="img", desc=f"tokenizing ({world_size} process(es))",
                     disable=args.disable_progress_bar or not state.is_main_process, dynamic_ncols=True)
     counts = {"images": 0, "skipped": 0, "rows": 0, "shards": 0}
@@ -582,14 +583,6 @@ def main(args=None) -> dict:
                 images, skipped, rows, rows * sequence_length, shards, len(finished),
                 summary["images_per_second"] or 0.0, seconds, split_state["num_rows"], data_dir)
     return summary
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _write_json(path: str, value: dict):
