@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,27 +216,39 @@ def test_gumbel_softmax_samples_the_categorical():
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
 
 
-@pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("normalization", ["all", "dim"])
-def test_fused_training_pass_matches_float64_autograd(hard, normalization):
-    """The blocked training pass (its own backward) against the dense float64 autograd graph, the same noise."""
+def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
+    """The fused pass's uniform draws on CPU, written out: numpy's PCG64 seeded by one int64 draw from torch's
+    default generator, float32, 0 raised to the smallest normal float32 (as torch's `uniform_(tiny, 1.0)`)."""
+    torch.manual_seed(seed_state)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    uniforms = np.random.Generator(np.random.PCG64(seed)).random(shape, dtype=np.float32)
+    return torch.from_numpy(uniforms).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@pytest.mark.parametrize(
+    "hard, normalization, temperature, logit_scale",
+    [(False, "all", 1.0, 1.0), (True, "all", 1.0, 1.0), (False, "dim", 1.0, 1.0), (False, "all", 0.7, 1.0),
+     (True, "dim", 0.7, 1.0), (False, "all", 1.0, 2.5), (True, "all", 0.7, 0.6)],
+)
+def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale):
+    """The blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise drawn
+    again in backward) against the dense float64 autograd graph on the same uniform draws. Covers the shared-kernel
+    path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
     quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
-                               gumbel_temperature=0.7, commitment_weight=0.5).train()
+                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale).train()
     flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks
     torch.manual_seed(1)
     decoded, loss, token_ids = quantizer.quantize_rows(flat, quantizer.codebook)
     upstream = torch.randn_like(decoded)
     grads = torch.autograd.grad((decoded * upstream).sum() + 3 * loss, [flat, quantizer.embedding.weight])
 
-    torch.manual_seed(1)
     targets = quantizer.targets(flat, quantizer.codebook).double()
     features, codebook = flat.double(), quantizer.codebook.double()
     distances = torch.cdist(features, codebook)
     logits = -quantizer.distance_scale(features, codebook, distances) * distances
     expected_loss = 0.5 * torch.nn.functional.cross_entropy(logits, targets)
-    tiny = torch.finfo(torch.float32).tiny
-    noise = torch.empty(logits.shape).uniform_(tiny, 1.0).log_().neg_().log_().neg_().double()  # float32 draws
-    weights = torch.softmax((logits + noise) / 0.7, dim=1)
+    noise = _fused_pass_uniforms(1, tuple(logits.shape)).double().log().neg().log().neg()
+    weights = torch.softmax((logits + noise) / temperature, dim=1)
     if hard:
         one_hot = torch.zeros_like(weights).scatter_(1, weights.argmax(1, keepdim=True), 1.0)
         weights = one_hot - weights.detach() + weights
@@ -247,3 +260,23 @@ def test_fused_training_pass_matches_float64_autograd(hard, normalization):
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4 * float(expected_grad.abs().max()))
+
+
+def test_training_pass_keeps_no_rows_by_codes_tensor_and_same_seed_same_tokens():
+    """Training: neither the targets, nor the softmax, nor the Gumbel sample or its noise are kept for backward (the
+    noise is drawn again), and a seed fixes the draws."""
+    quantizer = _quantizer().train()
+    features = torch.randn(32, 8, 4, 4, requires_grad=True)  # 1,024 rows x 32 codes
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = quantizer(features)
+    assert max(saved) < 32 * 4 * 4 * 2 * 32
+    out.loss.backward(retain_graph=True)
+    grad = features.grad.clone()
+    torch.manual_seed(3)
+    again = quantizer(features)
+    assert torch.equal(again.token_ids, out.token_ids) and torch.equal(again.quantized, out.quantized)
+    features.grad = None
+    again.loss.backward()
+    assert torch.equal(features.grad, grad)  # the replayed noise is the forward's
