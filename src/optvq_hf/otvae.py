@@ -93,14 +93,15 @@ def _coordinate_sum(weights: torch.Tensor, codes_t: torch.Tensor, out: torch.Ten
 
 
 class _UniformDraws:
-    """The uniform draws of the fused pass's Gumbel noise, block by block, in `[tiny, 1)` as
-    `uniform_(tiny, 1.0)`, and the same draws again for the backward ([`replay`]), so no noise is kept.
+    """The uniform draws of the fused pass's Gumbel noise, block by block, and the same draws again for the backward
+    ([`replay`]), so that no noise is kept.
 
     On CPU the draws come from numpy's PCG64 (about 1.5x to 2x faster per entry than torch's CPU `uniform_`, which
     dominated the pass), seeded by one 63-bit draw from torch's default CPU generator: `torch.manual_seed` fixes
-    them. numpy's float32 draws are multiples of `2^-24`; the 0 draw is raised to `tiny`, as torch's `uniform_(tiny,
-    1.0)` draws `tiny` there. On CUDA they are `uniform_` from the device's default generator, replayed from a copy
-    of its state. Elsewhere they cannot be replayed (`replay` returns `None`).
+    them. numpy's float32 draws are the multiples of `2^-24` in `[0, 1)`; a 0 draw (probability `2^-24`) gives the
+    noise `E = -log u = inf`, i.e. a zero weight in the sample, where torch's `uniform_(tiny, 1.0)` would give
+    `E = 87.3` (an equally negligible weight). On CUDA they are `uniform_(tiny, 1.0)` from the device's default
+    generator, replayed from a copy of its state. Elsewhere they cannot be replayed (`replay` returns `None`).
     """
 
     def __init__(self, device: torch.device, seed: int | None = None, generator_state=None):
@@ -124,7 +125,7 @@ class _UniformDraws:
         """Fill the contiguous float32 `out` with the next draws."""
         if self.device.type == "cpu":
             self.numpy_generator.random(dtype=np.float32, out=out.numpy())
-            return out.clamp_min_(self.tiny)
+            return out
         return out.uniform_(self.tiny, 1.0, generator=self.generator)
 
     def replay(self) -> _UniformDraws | None:
@@ -206,7 +207,7 @@ class _GumbelDecode(torch.autograd.Function):
             sample = _gumbel_sample(prob_block, logits_block, draws.fill(noise[:size]), temperature,
                                     sample_max[start:stop], recompute=False)  # unnormalized
             torch.sum(sample, dim=1, out=sample_sums[start:stop])
-            _first_extreme_per_row(sample, token_ids[start:stop])
+            _first_extreme_per_row(sample, token_ids[start:stop], largest=temperature != 1.0)  # -P / E if T = 1
             _coordinate_sum(sample, codes_t, mean_codes[start:stop])
             if samples is not None:
                 samples.append(sample.clone())
@@ -250,7 +251,7 @@ class _GumbelDecode(torch.autograd.Function):
         row_weights = features.new_empty(num_rows)  # sum_j gD_ij
         grad_codebook_t = torch.zeros_like(codes_t)  # (d, K): one matrix-vector product per coordinate
         column_weights = codebook.new_zeros(num_codes)
-        ones_codes, ones_rows = features.new_ones(num_codes), features.new_ones(rows)
+        ones_rows = features.new_ones(rows)
         distance, logits, grad_logits, noise, grad_sample = _block_buffers(5, rows, num_codes, features)
         for index, start in enumerate(range(0, num_rows, rows)):
             stop = min(start + rows, num_rows)
@@ -269,15 +270,15 @@ class _GumbelDecode(torch.autograd.Function):
             if sample is None:
                 sample = _gumbel_sample(prob_block, None, uniform, temperature, None, True)
             grad_block = grad_logits[:size]
-            if ctx.shared:  # w = P e^b
-                torch.addcmul(loss_rows[start:stop], target_rows[start:stop], code_weights, out=grad_block)
-                grad_block.mul_(prob_block)
+            if ctx.shared:  # w = P e^b (outer products as mul then add: a 3-operand broadcast addcmul is 5x slower)
+                torch.mul(target_rows[start:stop], code_weights, out=grad_block)
+                grad_block.add_(loss_rows[start:stop]).mul_(prob_block)
             else:
                 _target_weights(distance_block, code_weights, target_scale_block, grad_block, target_max[start:stop],
                                 recompute=True).mul_(target_rows[start:stop])
                 grad_block.addcmul_(prob_block, loss_rows[start:stop])
-            dy = torch.addcmul(sample_offsets[start:stop], sample_rows[start:stop, :1], codes_t[:1],
-                               out=grad_sample[:size])
+            dy = torch.mul(sample_rows[start:stop, :1], codes_t[:1], out=grad_sample[:size])
+            dy.add_(sample_offsets[start:stop])
             for k in range(1, codes_t.shape[0]):
                 dy.addcmul_(sample_rows[start:stop, k : k + 1], codes_t[k : k + 1])
             grad_block.addcmul_(sample, dy)
@@ -287,7 +288,7 @@ class _GumbelDecode(torch.autograd.Function):
             grad_distance = grad_block.div_(distance_block)
             if any_zero:
                 grad_distance.masked_fill_(distance_block == 0, 0.0)
-            torch.mv(grad_distance, ones_codes, out=row_weights[start:stop])
+            torch.sum(grad_distance, dim=1, out=row_weights[start:stop])
             _coordinate_sum(grad_distance, codes_t, grad_features[start:stop])
             for k in range(codes_t.shape[0]):
                 grad_codebook_t[k].addmv_(grad_distance.t(), block[:, k], alpha=-1.0)
@@ -327,13 +328,13 @@ def _target_weights(distance, code_potentials, scale, out, row_max, recompute):
 
 
 def _gumbel_sample(prob, logits, uniform, temperature, sample_max, recompute):
-    """The unnormalized Gumbel-softmax sample of a block, in `uniform`'s buffer: `P / E` for `T = 1` (`logits` and
-    `sample_max` unused), else `exp((L' - log E) / T - max)` (`prob` unused; `sample_max` holds each row's max:
-    written unless `recompute`, then read)."""
-    exponential = uniform.log_().neg_()  # E = -log u
-    if temperature == 1.0:
-        return torch.div(prob, exponential, out=exponential)
-    perturbed = torch.sub(logits, exponential.log_(), out=exponential).div_(temperature)
+    """The unnormalized Gumbel-softmax sample of a block, in `uniform`'s buffer: `-P / E <= 0` for `T = 1`
+    (`logits` and `sample_max` unused), else `exp((L' - log E) / T - max) > 0` (`prob` unused; `sample_max` holds
+    each row's max: written unless `recompute`, then read). Either way `y = sample / sum_j sample`."""
+    log_uniform = uniform.log_()  # -E
+    if temperature == 1.0:  # -P / E: the sign cancels in y = sample / sum_j sample
+        return torch.div(prob, log_uniform, out=log_uniform)
+    perturbed = torch.sub(logits, log_uniform.neg_().log_(), out=log_uniform).div_(temperature)
     if not recompute:
         torch.amax(perturbed, dim=1, out=sample_max)
     return perturbed.sub_(sample_max[:, None]).clamp_min_(_EXP_FLOOR).exp_()
