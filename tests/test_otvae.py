@@ -56,6 +56,45 @@ def test_targets_are_the_engines_plan_and_exact_where_the_kernel_underflows(epsi
     assert torch.equal(targets, sinkhorn_plan(features, codebook, epsilon, 5, normalization))
 
 
+@pytest.mark.parametrize("epsilon,normalization,num_iters,atol", [(10.0, "all", 5, 1e-5), (3.0, "dim", 5, 1e-5),
+                                                               (7.0, "none", 3, 1e-5), (10.0, "all", 0, 1e-5),
+                                                               (1e3, "all", 5, 1e-4)])
+def test_plan_potentials_give_every_row_of_the_plan(epsilon, normalization, num_iters, atol):
+    """sinkhorn_plan_potentials: softmax_j(-distance_scale * D + code_potentials) is sinkhorn_plan's row, on the
+    kernel passes and on the exact passes (epsilon 1e3), with or without a workspace."""
+    from optvq_hf.sinkhorn import SinkhornWorkspace, sinkhorn_plan, sinkhorn_plan_potentials
+
+    torch.manual_seed(4)
+    features, codebook = torch.randn(300, 2) * 1.5 + 0.3, torch.randn(50, 2)
+    workspace = SinkhornWorkspace()
+    potentials = sinkhorn_plan_potentials(features, codebook, epsilon, num_iters, normalization, workspace=workspace)
+    assert potentials.code_potentials.shape == (50,) and potentials.code_potentials.dtype == torch.float64
+    assert workspace.buffer is not None and workspace.buffer.numel() >= 300 * 50  # the passes ran in it
+    distances = torch.cdist(features.double(), codebook.double())
+    rebuilt = torch.softmax(-potentials.distance_scale * distances + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, sinkhorn_plan(features, codebook, epsilon, num_iters, normalization).double(),
+                               atol=atol, rtol=0)
+    expected_scale = {"all": epsilon / (float(distances.std()) + 1e-6), "dim": epsilon / 2 ** 0.5,
+                      "none": epsilon}[normalization]
+    assert potentials.distance_scale == pytest.approx(expected_scale, rel=1e-5)
+    again = sinkhorn_plan_potentials(features, codebook, epsilon, num_iters, normalization)
+    assert again.distance_scale == potentials.distance_scale
+    assert torch.equal(again.code_potentials, potentials.code_potentials)
+
+
+def test_plan_potentials_edge_cases():
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    one_code = sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(1, 3))
+    assert one_code.code_potentials.shape == (1,)
+    empty = sinkhorn_plan_potentials(torch.randn(0, 3), torch.randn(4, 3))
+    assert empty.code_potentials.shape == (4,) and torch.isfinite(empty.code_potentials).all()
+    with pytest.raises(ValueError, match="marginal_guard"):
+        sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(4, 3), marginal_guard=-1.0)
+    with pytest.raises(ValueError, match="workspace"):
+        sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(4, 3), workspace=object())
+
+
 def test_targets_spread_over_codes_where_nearest_collapses():
     torch.manual_seed(1)
     features = torch.randn(256, 2) * 0.1 + 5.0        # all features far from ...

@@ -829,14 +829,16 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
         torch.sum(block, dim=1, out=row_sums[start:stop])
         column += (block.t() @ weights[start:stop]).double()
     total = (row_sums.double() * weights.double()).sum()
-    packed, top = _reduce_scaled(torch.cat([column, total.reshape(1)]), top, group)
+    # these sums are exp(logits) summed, times e^(sigma - top): reduce them on that scale (ranks whose block rows
+    # differ have different sigmas)
+    packed, scale = _reduce_scaled(torch.cat([column, total.reshape(1)]), top - sigma, group)
     column, total = packed[:-1], packed[-1]
     if untrusted(column):
         return None
     # Q = exp(logits) / (sum + 1e-8), where exp(logits[i, j]) = G[i, j] exp(m[i] - sigma)
-    log_norm = torch.logaddexp(torch.log(total) + top - sigma, guard)
+    log_norm = torch.logaddexp(torch.log(total) + scale, guard)
     row_potentials = (-log_norm).expand(num_rows).clone()
-    log_columns = torch.log(column) + (top - sigma) - log_norm
+    log_columns = torch.log(column) + scale - log_norm
     code_potentials = torch.zeros(num_codes, **f64)
     kernel_codes = torch.zeros(num_codes, **f64)
 
