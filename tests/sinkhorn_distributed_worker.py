@@ -110,11 +110,15 @@ def main():
             local, codebook, normalization=normalization, process_group="world", streaming=streaming, block_size=37
         )
         gathered = gather_ids(ids)
+        # the default block rows, which differ between uneven ranks
+        default_blocks = gather_ids(sinkhorn_assign(local, codebook, normalization=normalization, process_group="world",
+                                                    streaming=streaming))
         if rank == 0:
             single = sinkhorn_assign(features, codebook, normalization=normalization)
             local_only = sinkhorn_assign(features[: split[0]], codebook, normalization=normalization)
             results[name] = {
                 "mismatches": int((gathered != single).sum()),
+                "default_blocks_mismatches": int((default_blocks != single).sum()),
                 "rows": int(single.numel()),
                 # the global plan differs from rank 0's own batch (so the test can tell the two apart)
                 "local_differs": bool(split[0] == 0 or not torch.equal(gathered[: split[0]], local_only)),

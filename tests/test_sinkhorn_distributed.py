@@ -35,6 +35,7 @@ def results(tmp_path_factory):
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(results, case):
     result = results[case]
     assert result["mismatches"] == 0, result
+    assert result["default_blocks_mismatches"] == 0, result
     assert result["local_differs"], "the case cannot tell a global plan from a per-rank one"
 
 

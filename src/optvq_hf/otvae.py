@@ -21,10 +21,15 @@ How our implementation reads the paper (the summary available to us gives the me
 * targets are the Sinkhorn engine's soft plan ([`~optvq_hf.sinkhorn.sinkhorn_plan`]) with OptVQ's cost (Euclidean
   distances normalized over the batch, `normalization`), inverse temperature `epsilon`, `num_iters` rounds and exact
   marginals, each row rescaled to sum to 1; they carry no gradient. In training under `torch.distributed` the plan
-  covers the global batch (`sync_across_ranks`, `process_group`); eval mode never communicates;
-* loss = `commitment_weight * mean_i CE(q_i, p_i)` (in eval mode block by block, without `(N, K)` matrices kept for
-  backward);
-* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard.
+  covers the global batch (`sync_across_ranks`, `process_group`), and so does `sigma`; eval mode never communicates.
+  In training the plan's rows are rebuilt block by block from its potentials
+  ([`~optvq_hf.sinkhorn.sinkhorn_plan_potentials`]: `q_i = softmax_j(-k * ||z_i - c_j|| + b_j)`), so no `(N, K)`
+  targets exist;
+* loss = `commitment_weight * mean_i CE(q_i, p_i)`, block by block without `(N, K)` matrices kept for backward (in
+  training one fused pass with the decoding, `_GumbelDecode`);
+* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard. On CPU
+  the fused pass draws its uniforms from numpy's PCG64 seeded by torch's default generator (`torch.manual_seed` fixes
+  them), and draws them again in backward instead of keeping the sample.
 
 The member shares [`CodebookQuantizer`]'s parameters and interface (codebook table + optional shared projection,
 heads, token layout, `embed_tokens`, statistics), so models, checkpoints and tools treat the whole family alike.
