@@ -192,22 +192,23 @@ class _GumbelDecode(torch.autograd.Function):
         sample_sums = features.new_empty(num_rows)
         sample_max = features.new_empty(num_rows)  # (T != 1) each row's largest (L' - log E) / T
         samples = [] if replay is None else None
-        distance, logits, prob, noise = _block_buffers(4, rows, num_codes, features)
+        logits, prob, noise = _block_buffers(3, rows, num_codes, features)  # few buffers: they stay in cache
         for start in range(0, num_rows, rows):
             stop = min(start + rows, num_rows)
             size = stop - start
-            distance_block = distances.block(start, stop, out=distance[:size])  # lambda * D
+            distance_block = distances.block(start, stop, out=logits[:size])  # lambda * D
             torch.amin(distance_block, dim=1, out=row_min[start:stop])
-            logits_block = _relative_logits(distance_block, row_min[start:stop], logit_scale, logits[:size])
+            if not shared:  # w = exp(-k D + b - max), from the distances before they become the logits
+                weights = _target_weights(distance_block, code_weights, target_scale_block, noise[:size],
+                                          target_max[start:stop], recompute=False)
+                torch.sum(weights, dim=1, out=target_sums[start:stop])
+            logits_block = _relative_logits(distance_block, row_min[start:stop], logit_scale, distance_block)
             prob_block = _exp(logits_block, clamp, out=prob[:size])
             torch.sum(prob_block, dim=1, out=prob_sums[start:stop])
             if shared:  # w = P e^b
                 torch.mv(prob_block, code_weights, out=target_sums[start:stop])
                 torch.mv(torch.mul(prob_block, logits_block, out=noise[:size]), code_weights, out=cross[start:stop])
-            else:  # w = exp(-k D + b - max)
-                weights = _target_weights(distance_block, code_weights, target_scale_block, noise[:size],
-                                          target_max[start:stop], recompute=False)
-                torch.sum(weights, dim=1, out=target_sums[start:stop])
+            else:
                 torch.sum(weights.mul_(logits_block), dim=1, out=cross[start:stop])
             sample = _gumbel_sample(prob_block, logits_block, draws.fill(noise[:size]), temperature,
                                     sample_max[start:stop], recompute=False)  # unnormalized
@@ -257,7 +258,7 @@ class _GumbelDecode(torch.autograd.Function):
         grad_codebook_t = torch.zeros_like(codes_t)  # (d, K): one matrix-vector product per coordinate
         column_weights = codebook.new_zeros(num_codes)
         ones_rows = features.new_ones(rows)
-        distance, logits, grad_logits, noise, grad_sample = _block_buffers(5, rows, num_codes, features)
+        distance, logits, grad_logits, noise = _block_buffers(4, rows, num_codes, features)
         for index, start in enumerate(range(0, num_rows, rows)):
             stop = min(start + rows, num_rows)
             size = stop - start
@@ -270,11 +271,20 @@ class _GumbelDecode(torch.autograd.Function):
                 if temperature != 1.0:  # from the logits, before they become P
                     sample = _gumbel_sample(None, logits_block, uniform, temperature, sample_max[start:stop], True)
             else:
-                sample = ctx.samples[index]
+                sample = ctx.samples[index].clone()  # (modified below; a retained graph may run backward again)
             prob_block = _exp(logits_block, ctx.clamp, out=logits_block)  # P (the logits are not needed any more)
             if sample is None:
                 sample = _gumbel_sample(prob_block, None, uniform, temperature, None, True)
+            if not ctx.hard:  # hard: the straight-through one-hot (decoded = one_hot @ codebook) carries the code term
+                for k in range(codes_t.shape[0]):
+                    grad_codebook_t[k].addmv_(sample.t(), code_rows[start:stop, k])
+            # the decoding's part, sample * dy, in the sample's buffer (dy built first where the gradient goes)
             grad_block = grad_logits[:size]
+            dy = torch.mul(sample_rows[start:stop, :1], codes_t[:1], out=grad_block)
+            dy.add_(sample_offsets[start:stop])
+            for k in range(1, codes_t.shape[0]):
+                dy.addcmul_(sample_rows[start:stop, k : k + 1], codes_t[k : k + 1])
+            decoding_part = sample.mul_(dy)
             if ctx.shared:  # w = P e^b (outer products as mul then add: a 3-operand broadcast addcmul is 5x slower)
                 torch.mul(target_rows[start:stop], code_weights, out=grad_block)
                 grad_block.add_(loss_rows[start:stop]).mul_(prob_block)
@@ -282,14 +292,7 @@ class _GumbelDecode(torch.autograd.Function):
                 _target_weights(distance_block, code_weights, target_scale_block, grad_block, target_max[start:stop],
                                 recompute=True).mul_(target_rows[start:stop])
                 grad_block.addcmul_(prob_block, loss_rows[start:stop])
-            dy = torch.mul(sample_rows[start:stop, :1], codes_t[:1], out=grad_sample[:size])
-            dy.add_(sample_offsets[start:stop])
-            for k in range(1, codes_t.shape[0]):
-                dy.addcmul_(sample_rows[start:stop, k : k + 1], codes_t[k : k + 1])
-            grad_block.addcmul_(sample, dy)
-            if not ctx.hard:  # hard: the straight-through one-hot (decoded = one_hot @ codebook) carries the code term
-                for k in range(codes_t.shape[0]):
-                    grad_codebook_t[k].addmv_(sample.t(), code_rows[start:stop, k])
+            grad_block.add_(decoding_part)
             grad_distance = grad_block.div_(distance_block)
             if any_zero:
                 grad_distance.masked_fill_(distance_block == 0, 0.0)
