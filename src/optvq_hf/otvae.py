@@ -89,14 +89,6 @@ _DECODE_BLOCK_ENTRIES = 1 << 18  # entries per block of the fused training pass 
 _SHARED_KERNEL_SPREAD = 60.0
 
 
-def _coordinate_sum(weights: torch.Tensor, codes_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out = weights @ codes_t.T` for `weights` `(n, K)` and `codes_t` `(d, K)` with small `d`: one matrix-vector
-    product per coordinate (a matmul with `d` output columns is slow on CPU for `d <= 4`)."""
-    for k in range(codes_t.shape[0]):
-        torch.mv(weights, codes_t[k], out=out[:, k])
-    return out
-
-
 class _UniformDraws:
     """The uniform draws of the fused pass's Gumbel noise, block by block, and the same draws again for the backward
     ([`replay`]), so that no noise is kept.
@@ -182,7 +174,7 @@ class _GumbelDecode(torch.autograd.Function):
         draws = _UniformDraws(device)
         replay = draws.replay()
 
-        mean_codes = features.new_empty(num_rows, codebook.shape[1])  # y @ codebook, the soft sample's decoding
+        mean_codes_t = features.new_empty(codebook.shape[1], num_rows)  # (y @ codebook)^T: contiguous mv outputs
         token_ids = torch.empty(num_rows, dtype=torch.long, device=device)
         row_min = features.new_empty(num_rows)  # each row's smallest lambda * D
         prob_sums = features.new_empty(num_rows)  # sum_j P
@@ -214,10 +206,11 @@ class _GumbelDecode(torch.autograd.Function):
                                     sample_max[start:stop], recompute=False)  # unnormalized
             torch.sum(sample, dim=1, out=sample_sums[start:stop])
             _first_extreme_per_row(sample, token_ids[start:stop], largest=temperature != 1.0)  # -P / E if T = 1
-            _coordinate_sum(sample, codes_t, mean_codes[start:stop])
+            for k in range(codes_t.shape[0]):
+                torch.mv(sample, codes_t[k], out=mean_codes_t[k, start:stop])
             if samples is not None:
                 samples.append(sample.clone())
-        mean_codes.div_(sample_sums[:, None])
+        mean_codes = mean_codes_t.t().div(sample_sums[:, None])  # y @ codebook, the soft sample's decoding
         decoded = codebook.detach()[token_ids] if hard else mean_codes
         # the loss: CE_i = log sum_j P - sum_j q L' (the rows of q sum to 1)
         total = (prob_sums.log() - cross / target_sums).sum(dtype=wide)
@@ -250,19 +243,21 @@ class _GumbelDecode(torch.autograd.Function):
         inverse_sums = 1.0 / sample_sums
         sample_rows = grad_decoded * (inverse_sums * (factor / temperature))[:, None]  # (N, d)
         sample_offsets = -(sample_rows * mean_codes).sum(1, keepdim=True)
-        code_rows = grad_decoded * inverse_sums[:, None]  # decoded = y @ codebook: d/dc_j = sum_i y_ij g_i
+        # decoded = y @ codebook: d/dc_j = sum_i y_ij g_i. Per-coordinate rows are kept contiguous ((d, N)): a
+        # matrix-vector product with a strided vector is 3x slower on CPU
+        code_rows_t = (grad_decoded * inverse_sums[:, None]).t().contiguous()
+        # sum_i gD_ij z_i and sum_i gD_ij in one (d + 1, n) @ (n, K) product per block
+        features_aug_t = torch.cat([features.t(), features.new_ones(1, num_rows)]).contiguous()
         any_zero = bool((row_min == 0).any())  # a feature on a code: D = 0, gradient 0 there (as torch.cdist)
 
-        grad_features = torch.empty_like(features)  # first sum_j gD_ij c_j, then z_i sum_j gD_ij - that
+        sums_t = features.new_empty(codebook.shape[1], num_rows)  # sum_j gD_ij c_j, per coordinate
         row_weights = features.new_empty(num_rows)  # sum_j gD_ij
-        grad_codebook_t = torch.zeros_like(codes_t)  # (d, K): one matrix-vector product per coordinate
-        column_weights = codebook.new_zeros(num_codes)
-        ones_rows = features.new_ones(rows)
+        decoding_t = codebook.new_zeros(codebook.shape[1], num_codes)  # sum_i y_ij g_i
+        distance_t = codebook.new_zeros(codebook.shape[1] + 1, num_codes)  # sum_i gD_ij z_i, and sum_i gD_ij
         distance, logits, grad_logits, noise = _block_buffers(4, rows, num_codes, features)
         for index, start in enumerate(range(0, num_rows, rows)):
             stop = min(start + rows, num_rows)
             size = stop - start
-            block = features[start:stop]
             distance_block = distances.block(start, stop, out=distance[:size])
             logits_block = _relative_logits(distance_block, row_min[start:stop], logit_scale, logits[:size])
             sample = None
@@ -276,8 +271,7 @@ class _GumbelDecode(torch.autograd.Function):
             if sample is None:
                 sample = _gumbel_sample(prob_block, None, uniform, temperature, None, True)
             if not ctx.hard:  # hard: the straight-through one-hot (decoded = one_hot @ codebook) carries the code term
-                for k in range(codes_t.shape[0]):
-                    grad_codebook_t[k].addmv_(sample.t(), code_rows[start:stop, k])
+                decoding_t.addmm_(code_rows_t[:, start:stop], sample)
             # the decoding's part, sample * dy, in the sample's buffer (dy built first where the gradient goes)
             grad_block = grad_logits[:size]
             dy = torch.mul(sample_rows[start:stop, :1], codes_t[:1], out=grad_block)
@@ -297,12 +291,12 @@ class _GumbelDecode(torch.autograd.Function):
             if any_zero:
                 grad_distance.masked_fill_(distance_block == 0, 0.0)
             torch.sum(grad_distance, dim=1, out=row_weights[start:stop])
-            _coordinate_sum(grad_distance, codes_t, grad_features[start:stop])
             for k in range(codes_t.shape[0]):
-                grad_codebook_t[k].addmv_(grad_distance.t(), block[:, k], alpha=-1.0)
-            column_weights.addmv_(grad_distance.t(), ones_rows[:size])
-        grad_features = torch.addcmul(-grad_features, features, row_weights[:, None])
-        grad_codebook = grad_codebook_t.t() + codebook * column_weights[:, None]
+                torch.mv(grad_distance, codes_t[k], out=sums_t[k, start:stop])
+            distance_t.addmm_(features_aug_t[:, start:stop], grad_distance)
+        # dD_ij/dz_i = (z_i - c_j) / D_ij and dD_ij/dc_j = (c_j - z_i) / D_ij, summed with the weights gD
+        grad_features = torch.addcmul(-sums_t.t(), features, row_weights[:, None])
+        grad_codebook = (decoding_t - distance_t[:-1]).t() + codebook * distance_t[-1][:, None]
         if ctx.hard:
             grad_codebook.index_add_(0, token_ids, grad_decoded)
         return grad_features, grad_codebook, None, None, None, None, None, None
