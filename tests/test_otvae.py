@@ -12,6 +12,7 @@ import torch
 
 from optvq_hf import CodebookQuantizer, OptVQConfig, OptVQModel, OptVQQuantizer
 from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+from optvq_hf.sinkhorn import get_block_policy
 from reference_optvq import reference_equipartition_plan
 from training_helpers import free_port
 
@@ -268,10 +269,13 @@ def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
     [(False, "all", 1.0, 1.0), (True, "all", 1.0, 1.0), (False, "dim", 1.0, 1.0), (False, "all", 0.7, 1.0),
      (True, "dim", 0.7, 1.0), (False, "all", 1.0, 2.5), (True, "all", 0.7, 0.6)],
 )
-def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale):
+def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
     """The blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise drawn
     again in backward) against the dense float64 autograd graph on the same uniform draws. Covers the shared-kernel
     path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
+    import optvq_hf.otvae
+
+    monkeypatch.setitem(optvq_hf.otvae._DECODE_BLOCK_ENTRIES, get_block_policy(), 1 << 18)  # 256 rows: 3 blocks
     quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
                                gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale).train()
     flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks

@@ -47,7 +47,7 @@ from torch import nn
 from .codebook_losses import distance_cross_entropy, distance_std
 from .quantization import CodebookQuantizer, register_quantizer
 from .sinkhorn import (_EXP_FLOOR, VALID_NORMALIZATIONS, SinkhornWorkspace, _Distances, _first_extreme_per_row,
-                       sinkhorn_plan, sinkhorn_plan_potentials)
+                       get_block_policy, sinkhorn_plan, sinkhorn_plan_potentials)
 
 __all__ = ["OTVAEQuantizer", "equipartition_targets", "gumbel_softmax"]
 
@@ -83,7 +83,12 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     return one_hot - soft.detach() + soft
 
 
-_DECODE_BLOCK_ENTRIES = 1 << 18  # entries per block of the fused training pass (1 MiB in float32: cache-sized)
+# Entries per block of the fused training pass, by the engine's block policy (sinkhorn.set_block_policy): with passive
+# OpenMP threads, 1 MiB float32 buffers that stay in cache; with spinning ones (OpenMP's default), each of the pass's
+# many parallel ops ends in a barrier that can cost a scheduler slice when other processes compete for the cores, and
+# 16 MiB blocks were 3x faster than 1 MiB ones at load 6 (docs/benchmarks.md); accelerators: fewer kernel launches.
+_DECODE_BLOCK_ENTRIES = {"passive": 1 << 18, "active": 1 << 22}
+_ACCELERATOR_DECODE_BLOCK_ENTRIES = 1 << 22
 # The targets are rebuilt from the probabilities (q = p * e^b, rows normalized: no exp) while the code potentials
 # span at most this many nats (e^-60 is still a normal float32; see _GumbelDecode).
 _SHARED_KERNEL_SPREAD = 60.0
@@ -164,7 +169,9 @@ class _GumbelDecode(torch.autograd.Function):
         # no logit lies more than s * diam(codebook) below its row's largest (triangle inequality): clamp only if
         # that can reach _EXP_FLOOR
         clamp = logit_scale * 2 * float(distances.codebook.norm(dim=1).max()) > -_EXP_FLOOR
-        rows = max(1, _DECODE_BLOCK_ENTRIES // num_codes)
+        block_entries = (_DECODE_BLOCK_ENTRIES[get_block_policy()] if device.type == "cpu"
+                         else _ACCELERATOR_DECODE_BLOCK_ENTRIES)
+        rows = max(1, block_entries // num_codes)
         wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         potentials = code_potentials.to(wide)
         potentials = potentials - potentials.max()
