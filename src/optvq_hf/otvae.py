@@ -74,7 +74,8 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     """`softmax((logits + g) / temperature)` over the last axis with `g` standard Gumbel noise, as
     `torch.nn.functional.gumbel_softmax`; `hard=True` returns the one-hot of its argmax with the soft sample's
     gradient (straight-through). The noise is `-log(-log(u))` of uniform `u`: on CPU about 5x faster per entry than
-    the `exponential_` draw of torch's version, which dominated OT-VAE's training step."""
+    the `exponential_` draw of torch's version. (`OTVAEQuantizer` uses it on its dense path, under `torch.compile`;
+    its eager training pass draws its own noise, see `_UniformDraws`.)"""
     gumbels = torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_().neg_()
     soft = torch.softmax((logits + gumbels) / temperature, dim=-1)
     if not hard:
