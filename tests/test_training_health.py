@@ -105,26 +105,30 @@ def test_fail_on_collapse_keeps_exit_status_zero_for_a_healthy_run(tiny_data, tm
 
 
 
-# lr 1 x batch 8, warmed up linearly over 30 steps: healthy at the step-4 evaluation, latents beyond 1e6 at step 6.
+# lr 1 x batch 8, warmed up linearly over 30 steps: the latents pass 1e6 within the first 10 steps (step 6 here; the
+# tiny model's trajectory is erratic, so the checks below hold for whichever step it is). Evaluations and checkpoints
+# every step, the last 2 kept: the last ones before the divergence must survive it.
 DIVERGING = ("--max_train_steps", "40", "--learning_rate", "1", "--lr_scheduler", "linear", "--lr_warmup_steps", "30",
-             "--validation_steps", "4", "--checkpointing_steps", "2", "--seed", "0")
+             "--validation_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--seed", "0")
 
 
-def _check_diverged_outputs(output: str, metrics: dict):
-    """The channels a diverged run writes to its folder: metrics.json, the model card, the kept (finite) weights."""
-    assert metrics["diverged"] is True and metrics["diverged_at_step"] == 6 and metrics["global_step"] == 5
+def _check_diverged_outputs(output: str, metrics: dict) -> int:
+    """The channels a diverged run writes to its folder: metrics.json, the model card, the kept (finite) weights, the
+    checkpoints; returns the step it diverged at."""
+    step = metrics["diverged_at_step"]
+    assert metrics["diverged"] is True and 2 <= step <= 10 and metrics["global_step"] == step - 1
     assert metrics["divergence_latent_magnitude"] > 1e6
     assert any("latents reached a magnitude" in reason for reason in metrics["divergence_reasons"])
-    assert metrics["last_eval"]["step"] == 4 and math.isfinite(metrics["last_eval"]["psnr"])
+    assert metrics["last_eval"]["step"] == step - 1 and math.isfinite(metrics["last_eval"]["psnr"])
     assert metrics["final_model_saved"] is True
-    # The last good checkpoint is kept; nothing was saved after the divergence.
-    assert metrics["last_checkpoint"] == os.path.join(output, "checkpoint-4")
-    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-2",
-                                                                                             "checkpoint-4"]
+    # The last good checkpoint is kept; nothing was saved at or after the diverged step.
+    assert metrics["last_checkpoint"] == os.path.join(output, f"checkpoint-{step - 1}")
+    assert max(int(name.split("-")[1]) for name in os.listdir(output) if name.startswith("checkpoint-")) == step - 1
     weights = load_file(os.path.join(output, "model.safetensors"))
     assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
     with open(os.path.join(output, "README.md")) as handle:
-        assert "Warning: this run diverged at step 6" in handle.read()
+        assert f"Warning: this run diverged at step {step}" in handle.read()
+    return step
 
 
 def test_a_diverged_run_stops_and_is_reported_on_every_channel(tiny_data, tmp_path, caplog, capsys, monkeypatch):
@@ -136,13 +140,13 @@ def test_a_diverged_run_stops_and_is_reported_on_every_channel(tiny_data, tmp_pa
             runpy.run_path(os.path.join(EXAMPLES, "run_train.py"), run_name="__main__")
     assert exit_info.value.code == run_train.DIVERGENCE_EXIT_CODE == 4
     with open(os.path.join(output, "metrics.json")) as handle:
-        _check_diverged_outputs(output, json.load(handle))
+        step = _check_diverged_outputs(output, json.load(handle))
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-    assert any(message.startswith("step 6: DIVERGED RUN at step 6") for message in warnings)
-    assert any(message.startswith("The run DIVERGED at step 6") for message in warnings)
+    assert any(message.startswith(f"step {step}: DIVERGED RUN at step {step}") for message in warnings)
+    assert any(message.startswith(f"The run DIVERGED at step {step}") for message in warnings)
     printed = capsys.readouterr()
-    assert "training FAILED: the run DIVERGED at step 6" in printed.out and "training done" not in printed.out
-    assert "The last evaluation before it: step 4" in printed.out and '"diverged": true' in printed.out
+    assert f"training FAILED: the run DIVERGED at step {step}" in printed.out and "training done" not in printed.out
+    assert f"The last evaluation before it: step {step - 1}" in printed.out and '"diverged": true' in printed.out
     assert "run=DIVERGED" in printed.err
 
 
