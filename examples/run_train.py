@@ -43,9 +43,8 @@ from optvq_hf.metrics import codebook_statistics, save_reconstruction_grid, save
 from optvq_hf.model_card import build_model_card  # noqa: E402
 from optvq_hf.quantization import get_quantizer_class  # noqa: E402
 from optvq_hf.sinkhorn import get_block_policy, set_block_policy  # noqa: E402
-from optvq_hf.training.diagnostics import MAX_TRAINING_LATENT_MAGNITUDE  # noqa: E402
-from optvq_hf.validation import MAX_FEATURE_MAGNITUDE  # noqa: E402
 from optvq_hf.training import (  # noqa: E402
+    MAX_TRAINING_LATENT_MAGNITUDE,
     EMAModel,
     ImagePreprocessor,
     OptVQLoss,
@@ -83,6 +82,7 @@ from optvq_hf.training import (  # noqa: E402
     split_weight_decay,
     to_pixel_values,
 )
+from optvq_hf.validation import MAX_FEATURE_MAGNITUDE  # noqa: E402
 
 logger = logging.getLogger("optvq_hf.run_train")
 
