@@ -3,6 +3,7 @@ end (train, score, curves against wall time, load samples, docs section) on tiny
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -157,3 +158,20 @@ def test_a_diverged_run_without_a_score_shows_its_last_evaluation():
     assert header.count("|") == rule.count("|") == vq_row.count("|") == optvq_row.count("|")
     assert "| DIVERGED at step 6 | none (last evaluation, step 4: 12.00) | | 1.0 % (step 4) | | " in vq_row
     assert "| DIVERGED at step 2 | none | | | | " in optvq_row
+
+
+def test_vq_latent_growth_probe_runs_and_reports_each_step(tmp_path):
+    """benchmarks/vq_latent_growth.py (the probe behind docs/training.md's account of the VQ divergence) on tiny
+    data: one JSON record per reported step with the numbers the docs quote."""
+    spec = importlib.util.spec_from_file_location("vq_latent_growth",
+                                                  os.path.join(ROOT, "benchmarks", "vq_latent_growth.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    data = write_tiny_dataset(str(tmp_path / "data"), num_train=24, num_test=4, corrupt=0)
+    records = probe.main(["--dataset_name", data, "--config_overrides",
+                          "codebook_size=32,base_channels=8,latent_channels=8,embed_dim=8,resolution=16",
+                          "--batch_size", "4", "--steps", "3", "--every", "1", "--schedule_steps", "100"])
+    assert [record["step"] for record in records] == [1, 2, 3]
+    for record in records:
+        assert math.isfinite(record["latent_max"]) and record["latent_max"] >= record["latent_rms"] > 0
+        assert 1 <= record["codes_used"] <= 32 and record["codebook_rms"] > 0 and len(record["encoder_conv_norms"]) > 1
