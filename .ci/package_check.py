@@ -12,7 +12,8 @@ repository, as a user of the package index would (`make package-check`; `.ci/run
    - core: the README's ```python snippets, the installed files and version, `optvq-convert-original --help`;
    - `[eval]`: `optvq_hf.metrics.load("psnr")` against a hand-computed value, `optvq-eval` on a tiny parquet
      dataset (scikit-image photos);
-   - `[train]`: `optvq-train` for 20 steps on the bundled demo data, the result loaded with `AutoModel`, and
+   - `[train]`: `optvq-train` for 60 steps on the bundled demo data (a healthy run: no COLLAPSED / DIVERGED
+     verdict), the result loaded with `AutoModel`, and
      `accelerate launch -m optvq_hf_examples.run_train` with 2 processes (gloo on CPU) for 4 steps.
    Everything runs from a temporary folder with PYTHONPATH unset and the Hub offline (nothing is downloaded but
    packages).
@@ -38,7 +39,10 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 20
+# 60 steps at lr 5e-4 x batch 8 beat the mean-image baseline by 2.5 to 3.7 dB (seeds 42, 0, 1, 2), where 20 steps at
+# 1e-4 did not and run_train logged its COLLAPSED verdict at ERROR level in the CI output.
+STEPS = 60
+TRAIN_LEARNING_RATE = "5e-4"
 
 
 class Timer:
@@ -208,6 +212,7 @@ import optvq_hf  # noqa: F401  (registers OptVQ with the Auto classes)
 from transformers import AutoModel
 metrics = json.load(open("train-out/metrics.json"))
 assert metrics["global_step"] == STEPS and math.isfinite(metrics["psnr"]), metrics
+assert metrics["collapsed"] is False and metrics["diverged"] is False, metrics  # a healthy run, no FAILED verdict
 model = AutoModel.from_pretrained("train-out")
 assert type(model).__name__ == "OptVQModel" and model.config.codebook_size == 64
 print("train extra ok: PSNR", metrics["psnr"], "usage", metrics["codebook_usage"])
@@ -289,7 +294,7 @@ def main():
     timer.phase("pip install <wheel>[train]")
     run(["optvq-train", "--output_dir", "train-out", "--model_config_name_or_path", "optvq-cifar10",
          "--config_overrides", "codebook_size=64", "--max_train_steps", str(STEPS), "--train_batch_size", "8",
-         "--learning_rate", "1e-4", "--max_eval_samples", "16", "--report_to", "none"], cwd=home, env=env)
+         "--learning_rate", TRAIN_LEARNING_RATE, "--max_eval_samples", "16", "--report_to", "none"], cwd=home, env=env)
     (home / "train_check.py").write_text(f"STEPS = {STEPS}\n" + TRAIN_CHECK)
     run([python, "train_check.py"], cwd=home, env=env)
     timer.phase(f"train: optvq-train, {STEPS} steps")
@@ -303,7 +308,7 @@ def main():
          "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "optvq_hf_examples.run_train",
          "--output_dir", "train-2proc", "--model_config_name_or_path", "optvq-cifar10", "--config_overrides",
          "codebook_size=64", "--max_train_steps", "4", "--train_batch_size", "4", "--max_eval_samples", "16",
-         "--report_to", "none"], cwd=home, env=env)
+         "--skip_final_eval", "--report_to", "none"], cwd=home, env=env)  # 4 steps: launching, not quality
     metrics = json.loads((home / "train-2proc/metrics.json").read_text())
     check(metrics["num_processes"] == 2 and metrics["global_step"] == 4, f"2-process run: {metrics}")
     timer.phase("accelerate launch -m (2 processes)")

@@ -10,6 +10,9 @@ split with `examples/run_eval.py`, and writes:
   its periodic evaluations, and run_eval's score at the end of training);
 * for OptVQ: how often nearest-neighbour and Sinkhorn inference tokens agree and the PSNR of each;
 * the machine (CPU, cores, torch) and its load average, sampled while the commands ran;
+* each run's verdict (run_train's): healthy, COLLAPSED, or DIVERGED at a step. A diverged run ends with exit status 4
+  and keeps the finite weights of the step before; those are scored when run_train could evaluate them, else its
+  last periodic evaluation stands in (or no score at all), and the table says so;
 * with `--docs`, the same table, the plot (`docs/table2_curves*.png`) and the command line into `docs/benchmarks.md`
   (one section per budget).
 
@@ -178,16 +181,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], log_path: str):
+def _run(command: list[str], log_path: str, accept=lambda returncode: returncode == 0):
+    """Run `command` (output to `log_path`); its wall time in seconds. Raises unless `accept(returncode)`."""
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         completed = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
+    if not accept(completed.returncode):
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise RuntimeError(f"Command failed ({completed.returncode}), see {log_path}:\n{tail}")
     return time.perf_counter() - start
+
+
+def failed_with_a_verdict(train_dir: str) -> bool:
+    """Whether run_train ended with a verdict of its own (a diverged run exits with status 4; torchrun then with 1),
+    rather than a crash: its metrics.json records the divergence."""
+    path = os.path.join(train_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as handle:
+        return bool(json.load(handle).get("diverged"))
+
+
+def verdict(train_metrics: dict) -> str:
+    """run_train's verdict on a run, as the table shows it."""
+    words = [f"DIVERGED at step {train_metrics['diverged_at_step']}"] if train_metrics.get("diverged") else []
+    words += ["COLLAPSED"] if train_metrics.get("collapsed") else []
+    return ", ".join(words) or "healthy"
+
+
+def scored(train_metrics: dict) -> bool:
+    """Whether the model a run saved can be scored by run_eval: always for a finished run; for a diverged one when
+    run_train could evaluate the finite weights it kept (their latents within what the quantizer accepts)."""
+    if not train_metrics.get("diverged"):
+        return True
+    return bool(train_metrics.get("final_model_saved")) and "psnr" in train_metrics
 
 
 def launcher(num_processes: int) -> list[str]:
@@ -289,16 +318,23 @@ def plot_curves(curves: dict, path: str, target: float | None = None):
 
 def render_table(results: dict, budget: str | None = None) -> str:
     original = ORIGINAL_CODE.get(budget)
-    lines = ["| quantizer | test PSNR (dB) | SSIM | code usage | perplexity | dead codes | steps | train time | "
+    lines = ["| quantizer | verdict | test PSNR (dB) | SSIM | code usage | perplexity | dead codes | steps | train time | "
              "command wall time | paper PSNR / usage |" + (" original code, same recipe: PSNR / usage |" if original
                                                            else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if original else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if original else "")]
     for name, r in results.items():
         paper = PAPER.get(name)
         paper_text = f"{paper[0]:.2f} / {100 * paper[1]:.2f} %" if paper else "n/a"
+        if "psnr" in r:
+            scores = (f"{r['psnr']:.2f} | {r['ssim']:.3f} | {100 * r['codebook_usage']:.1f} % | {r['perplexity']:.1f} "
+                      f"| {r['dead_codes']}")
+        else:  # a diverged run whose weights could not be scored: its last periodic evaluation, if any
+            last = r.get("last_eval")
+            scores = (f"none (last evaluation, step {last['step']}: {last['psnr']:.2f}) | | "
+                      f"{100 * last['codebook_usage']:.1f} % (step {last['step']}) | | " if last else "none | | | | ")
         lines.append(
-            f"| {QUANTIZERS[name][1]} (`{QUANTIZERS[name][0]}`) | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-            f"{100 * r['codebook_usage']:.1f} % | {r['perplexity']:.1f} | {r['dead_codes']} | {r['global_step']} | "
+            f"| {QUANTIZERS[name][1]} (`{QUANTIZERS[name][0]}`) | {r.get('verdict', 'healthy')} | {scores} | "
+            f"{r['global_step']} | "
             f"{r['train_time_s']:.0f} s ({r['seconds_per_step']:.3f} s/step) | "
             f"{r.get('train_wall_s', float('nan')) / 60:.1f} min | {paper_text} |"
             + (f" {original.get(name, 'n/a')} |" if original else ""))
@@ -342,7 +378,10 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
             "the recipe of [docs/training.md, \"Reproducing Table 2\"](training.md#reproducing-table-2), the same "
             "command for both, then scores each on all 10,000 MNIST test digits with `examples/run_eval.py` (mean "
             "per-image PSNR over [0, 1] pixels in the `rgb` score convention, which on grayscale MNIST equals the "
-            "paper's Y-channel one; reconstructions clamped, nearest-neighbour tokens). Command:",
+            "paper's Y-channel one; reconstructions clamped, nearest-neighbour tokens). The verdict column is "
+            "run_train's (docs/training.md, \"Is my run healthy?\"): a run that DIVERGED was stopped at that step "
+            "and its row scores the finite weights it kept (or shows its last evaluation when they cannot be "
+            "scored); COLLAPSED means its reconstructions barely depend on the input. Command:",
         ]
     else:
         lines += [
@@ -395,7 +434,7 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
         end = text.find("\n## ", start + 1)
         old = text[start:end + 1] if end >= 0 else text[start:]
         kept = old.split(GENERATED_END, 1)[1].lstrip("\n") if GENERATED_END in old else ""
-        text = text[:start] + section + (kept if kept.strip() else "") + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + kept if kept.strip() else "") + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as handle:
@@ -415,33 +454,40 @@ def main(argv=None) -> dict:
         timing_path = os.path.join(args.output_dir, f"{name}-timing.json")
         command = train_command(args, name, train_dir)
         commands[name] = _command_text(command)
-        done = all(os.path.isfile(p) for p in (os.path.join(train_dir, "metrics.json"),
-                                               os.path.join(eval_dir, "results.json"), timing_path))
+        done = all(os.path.isfile(p) for p in (os.path.join(train_dir, "metrics.json"), timing_path))
         if args.skip_existing and done:
             print(f"{name}: reusing {train_dir} and {eval_dir}", flush=True)
         else:
             launch = time.time()
             with LoadSampler() as sampler:
-                train_wall = _run(command, os.path.join(args.output_dir, f"{name}-train.log"))
+                train_wall = _run(command, os.path.join(args.output_dir, f"{name}-train.log"),
+                                  accept=lambda code: code == 0 or failed_with_a_verdict(train_dir))
             timing = {"launch_time": launch, "train_wall_s": train_wall, "load": sampler.summary()}
-            timing["eval_seconds"] = _run(eval_command(args, name, train_dir, eval_dir),
-                                          os.path.join(args.output_dir, f"{name}-eval.log"))
+            with open(os.path.join(train_dir, "metrics.json")) as handle:
+                if scored(json.load(handle)):
+                    timing["eval_seconds"] = _run(eval_command(args, name, train_dir, eval_dir),
+                                                  os.path.join(args.output_dir, f"{name}-eval.log"))
             with open(timing_path, "w") as handle:
                 json.dump(timing, handle, indent=2)
         with open(timing_path) as handle:
             timing = json.load(handle)
         with open(os.path.join(train_dir, "metrics.json")) as handle:
             train_metrics = json.load(handle)
-        with open(os.path.join(eval_dir, "results.json")) as handle:
-            results[name] = {**json.load(handle), **timing, **{k: train_metrics[k] for k in
-                                                               ("global_step", "train_time_s", "seconds_per_step")}}
+        results[name] = {**timing, **{k: train_metrics[k] for k in ("global_step", "train_time_s", "seconds_per_step")},
+                         "verdict": verdict(train_metrics), "last_eval": train_metrics.get("last_eval")}
+        if "eval_seconds" in timing:
+            with open(os.path.join(eval_dir, "results.json")) as handle:
+                results[name].update(json.load(handle))
         curve = read_curves(train_dir, timing["launch_time"])
-        curve.append({"step": train_metrics["global_step"], "seconds": timing["train_wall_s"],
-                      "psnr": results[name]["psnr"], "codebook_usage": results[name]["codebook_usage"],
-                      "perplexity": results[name]["perplexity"], "final": True})
+        if "psnr" in results[name]:
+            curve.append({"step": train_metrics["global_step"], "seconds": timing["train_wall_s"],
+                          "psnr": results[name]["psnr"], "codebook_usage": results[name]["codebook_usage"],
+                          "perplexity": results[name]["perplexity"], "final": True})
+            print(f"{name}: {results[name]['verdict']}, PSNR {results[name]['psnr']:.2f} dB, usage "
+                  f"{100 * results[name]['codebook_usage']:.1f} %", flush=True)
+        else:
+            print(f"{name}: {results[name]['verdict']}, no score (its weights could not be evaluated)", flush=True)
         curves[name] = curve
-        print(f"{name}: PSNR {results[name]['psnr']:.2f} dB, usage {100 * results[name]['codebook_usage']:.1f} %",
-              flush=True)
     table = render_table(results, args.budget)
     plot_path = os.path.join(args.output_dir, "table2_curves.png")
     plot_curves(curves, plot_path, target=PAPER["optvq"][0] if args.budget == "paper" else None)

@@ -44,6 +44,7 @@ from optvq_hf.model_card import build_model_card  # noqa: E402
 from optvq_hf.quantization import get_quantizer_class  # noqa: E402
 from optvq_hf.sinkhorn import get_block_policy, set_block_policy  # noqa: E402
 from optvq_hf.training import (  # noqa: E402
+    MAX_TRAINING_LATENT_MAGNITUDE,
     EMAModel,
     ImagePreprocessor,
     OptVQLoss,
@@ -61,12 +62,16 @@ from optvq_hf.training import (  # noqa: E402
     decode_image_column,
     decode_images,
     diagnose_collapse,
+    diagnose_divergence,
+    divergence_signal,
     evaluate_reconstruction,
     find_image_column,
     initialize_codebook,
+    list_checkpoints,
     load_image_dataset,
     mean_image_psnr,
     reconstruction_spread,
+    reduce_divergence_signal,
     resolve_resume_checkpoint,
     run_in_fresh_process,
     save_checkpoint,
@@ -77,6 +82,7 @@ from optvq_hf.training import (  # noqa: E402
     split_weight_decay,
     to_pixel_values,
 )
+from optvq_hf.validation import MAX_FEATURE_MAGNITUDE  # noqa: E402
 
 logger = logging.getLogger("optvq_hf.run_train")
 
@@ -207,6 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--fail_on_collapse", action="store_true",
                        help="Exit with status 3 when the final evaluation finds a collapsed (dead) model; it is always "
                             "reported in the log, the summary and metrics.json (`collapsed`).")
+    group.add_argument("--max_latent_magnitude", type=float, default=MAX_TRAINING_LATENT_MAGNITUDE,
+                       help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the loss is "
+                            "NaN / Inf or the encoder's latents exceed this magnitude (0 checks the loss only).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -227,6 +236,8 @@ def _check_args(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` must be >= 1 when given, got {value}.")
+    if not args.max_latent_magnitude >= 0:
+        raise ValueError(f"`--max_latent_magnitude` must be >= 0, got {args.max_latent_magnitude}.")
     if args.learning_rate <= 0:
         raise ValueError(f"`--learning_rate` must be positive, got {args.learning_rate}.")
     if args.streaming and args.max_train_steps is None:
@@ -359,6 +370,20 @@ def check_collapse(metrics: dict, counts: torch.Tensor, baseline_psnr: float | N
     if diagnosis.collapsed and log:
         logger.warning("step %d: %s", step, diagnosis.message())
     return diagnosis
+
+
+def is_numerical_failure(error: ValueError) -> bool:
+    """Whether a `ValueError` of the model's forward pass on (valid) training pixels reports unusable numbers (NaN,
+    Inf or a magnitude beyond what the quantizer accepts), which the weights, not the data, produced."""
+    text = str(error)
+    return "NaN or Inf" in text or "magnitude" in text
+
+
+@torch.no_grad()
+def parameters_finite(model) -> bool:
+    """Whether every weight of `model` is finite (one reduction per tensor, read once)."""
+    flags = [torch.isfinite(parameter).all() for parameter in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def backward_and_step(accelerator, loss, module, optimizer, max_grad_norm: float):
@@ -565,6 +590,7 @@ def train(args: argparse.Namespace) -> dict:
     window_counts = torch.zeros(config.codebook_size, device=accelerator.device)
     skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
     steps_this_run, micro_step, last_metrics, stopped_early = 0, 0, {}, False
+    divergence, latent_magnitude, last_eval = diagnose_divergence(), None, None  # verdict of the latest step
     postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     resume_batches = args.gradient_accumulation_steps * (global_step % steps_per_epoch if steps_per_epoch else
@@ -589,16 +615,34 @@ def train(args: argparse.Namespace) -> dict:
             micro_step += 1
             gan_on = loss_fn.gan_active(global_step)
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    output = model(pixel_values)
-                if bare_discriminator is not None:  # frozen while it scores the generator
-                    bare_discriminator.requires_grad_(False)
-                losses = loss_fn.generator_loss(
-                    pixel_values, output.reconstruction, output.quantization_loss, global_step,
-                    last_layer_weight=unwrapped.get_last_layer_weight() if gan_on else None,
-                    discriminator=bare_discriminator)
-                if bare_discriminator is not None:
-                    bare_discriminator.requires_grad_(True)
+                try:
+                    with accelerator.autocast():
+                        output = model(pixel_values)
+                except ValueError as error:
+                    if not is_numerical_failure(error):
+                        raise
+                    # The weights of the last step give latents the model refuses (NaN, Inf, beyond 1e15): diverged.
+                    logger.warning("step %d: the forward pass failed: %s", global_step + 1, error)
+                    output = None
+                if output is not None:
+                    if bare_discriminator is not None:  # frozen while it scores the generator
+                        bare_discriminator.requires_grad_(False)
+                    losses = loss_fn.generator_loss(
+                        pixel_values, output.reconstruction, output.quantization_loss, global_step,
+                        last_layer_weight=unwrapped.get_last_layer_weight() if gan_on else None,
+                        discriminator=bare_discriminator)
+                    if bare_discriminator is not None:
+                        bare_discriminator.requires_grad_(True)
+                # Divergence check before the update: two numbers, their maximum over processes, so that every rank
+                # stops at the same step (a rank that stopped alone would leave the others waiting in a collective).
+                signal = reduce_divergence_signal(divergence_signal(
+                    losses.loss if output is not None else None, output.latents if output is not None else None,
+                    device=accelerator.device)).tolist()
+                latent_magnitude = signal[1]
+                divergence = diagnose_divergence(signal[0] == 0, latent_magnitude, global_step + 1,
+                                                 args.max_latent_magnitude, forward_failed=signal[0] == 2)
+                if divergence.diverged:
+                    break
                 backward_and_step(accelerator, losses.loss, model, optimizer, args.max_grad_norm)
             loss_means.add(loss_fn.log_terms(losses, global_step))
             if gan_on:
@@ -628,7 +672,7 @@ def train(args: argparse.Namespace) -> dict:
                 usage = codebook_statistics(accelerator.reduce(window_counts, "sum"))
                 logs = {f"train/{name}": value for name, value in loss_means.compute().items()}
                 logs.update({f"train/{key}": usage[key] for key in ("codebook_usage", "perplexity", "dead_codes")})
-                logs.update({"train/lr": scheduler.get_last_lr()[0],
+                logs.update({"train/lr": scheduler.get_last_lr()[0], "train/latent_magnitude": latent_magnitude,
                              "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
                              "train/skipped_images": skipped_train + skipped_on_the_fly})
                 postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * usage['codebook_usage']:.1f}%",
@@ -650,6 +694,8 @@ def train(args: argparse.Namespace) -> dict:
                 progress.set_postfix(**postfix, **health)
                 accelerator.log({f"eval/{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))},
                                 step=global_step)
+                last_eval = {"step": global_step, **{key: last_metrics[key] for key in
+                                                    ("psnr", "codebook_usage", "perplexity", "collapsed")}}
                 if accelerator.is_main_process:
                     log_validation(unwrapped, grid_images, counts, output_dir, global_step)
                     logger.info("step %d: eval PSNR %.2f dB, usage %.1f%%", global_step, last_metrics["psnr"],
@@ -661,8 +707,12 @@ def train(args: argparse.Namespace) -> dict:
                 stopped_early = True
             if global_step >= max_train_steps or stopped_early:
                 break
-        if global_step >= max_train_steps or stopped_early:
+        if global_step >= max_train_steps or stopped_early or divergence.diverged:
             break
+    if divergence.diverged:
+        progress.set_postfix(**postfix, **health, run="DIVERGED")
+        if accelerator.is_main_process:
+            logger.warning("step %d: %s", divergence.step, divergence.message())
     progress.close()
     train_time = time.perf_counter() - start_time
     if stopped_early:
@@ -675,10 +725,20 @@ def train(args: argparse.Namespace) -> dict:
     if ema is not None:
         ema.copy_to(unwrapped)
     metrics, final_counts = {}, None
-    if not args.skip_final_eval:
+    # A diverged run keeps the weights of its last completed step (the diverged step's update was not applied) when
+    # they are finite, and evaluates them when their latents are still within what the quantizer accepts.
+    keep_model = not divergence.diverged or parameters_finite(unwrapped)
+    evaluable = keep_model and (not divergence.diverged or (
+        math.isfinite(divergence.latent_magnitude) and divergence.latent_magnitude < 1e-3 * MAX_FEATURE_MAGNITUDE))
+    if not args.skip_final_eval and evaluable:
         metrics, final_counts = evaluate_reconstruction(unwrapped, eval_images, args.eval_batch_size,
                                                         autocast=accelerator.autocast)
         check_collapse(metrics, final_counts, baseline_psnr, global_step, accelerator.is_main_process)
+    metrics.update(divergence.to_dict())
+    if divergence.diverged:
+        metrics["last_eval"] = last_eval  # the last periodic evaluation before the divergence (None: none ran)
+        metrics["final_model_saved"] = keep_model
+        metrics["last_checkpoint"] = (list_checkpoints(output_dir) or [None])[-1]
     skipped_on_the_fly = int(accelerator.reduce(torch.tensor(skipped_on_the_fly, device=accelerator.device), "sum"))
     metrics.update({
         "global_step": global_step,
@@ -700,13 +760,14 @@ def train(args: argparse.Namespace) -> dict:
         card = build_model_card(
             config, repo_id=repo_id, num_parameters=unwrapped.num_parameters(),
             training_summary=training_summary(args, description, total_batch, learning_rate, global_step, train_time)
-            + ("\n**Warning: this run collapsed** (its reconstructions do not depend on its inputs): "
-               + " ".join(metrics["collapse_reasons"]) + "\n" if metrics.get("collapsed") else ""),
+            + "".join(f"\n{failure['card']}: {' '.join(failure['reasons'])}\n"
+                      for failure in run_failures(metrics)),
             eval_results={k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity") if k in metrics} or None,
             dataset_name=description if (args.dataset_name or args.train_data_dir) else None,
         )
-        save_final_model(unwrapped, processor, output_dir, card)
-        if not args.skip_final_eval:
+        if keep_model:  # never non-finite weights
+            save_final_model(unwrapped, processor, output_dir, card)
+        if final_counts is not None:
             log_validation(unwrapped, grid_images, final_counts, output_dir, global_step)
             metrics["grid"] = os.path.join(output_dir, "grid.png")
             metrics["code_usage_histogram"] = os.path.join(output_dir, "code_usage.png")
@@ -721,8 +782,8 @@ def train(args: argparse.Namespace) -> dict:
                                                "validation/**"])
             metrics["hub_repo_id"] = repo_id
         logger.info("Final metrics: %s", json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
-        if metrics.get("collapsed"):
-            logger.error("The final model COLLAPSED: %s", " ".join(metrics["collapse_reasons"]))
+        for failure in run_failures(metrics):
+            logger.error("%s: %s", failure["log"], " ".join(failure["reasons"]))
         print(final_summary(metrics, config, output_dir, os.path.join(output_dir, args.logging_dir) if report_to else None,
                             demo=is_demo_setting(args)), flush=True)
     if report_to:
@@ -746,6 +807,44 @@ def is_demo_setting(args: argparse.Namespace) -> bool:
     return all(getattr(args, name) == value for name, value in DEMO_SETTING.items())
 
 
+def run_failures(metrics: dict) -> list[dict]:
+    """The failed verdicts that `metrics` record, most severe first (DIVERGED, then COLLAPSED), each a dict of texts
+    for every channel that reports it: `headline`, `details`, `reasons`, `advice` (the summary's lines), `log` (the
+    final error log) and `card` (the model card's warning, markdown)."""
+    failures = []
+    steps, seconds = metrics.get("global_step"), metrics.get("train_time_s", 0.0)
+    if metrics.get("diverged"):
+        step, last = metrics.get("diverged_at_step"), metrics.get("last_eval")
+        kept = (f"The model saved holds the weights after step {steps}, the last one before it (the diverged step's "
+                "update was not applied)." if metrics.get("final_model_saved") else
+                f"No model was saved: the weights after step {steps} are not finite.")
+        if metrics.get("last_checkpoint"):
+            kept += f" Last checkpoint: {metrics['last_checkpoint']}."
+        failures.append({
+            "headline": f"the run DIVERGED at step {step} and was stopped ({seconds:.0f} s).",
+            "details": [kept, f"The last evaluation before it: step {last['step']}, PSNR {last['psnr']:.2f} dB, code "
+                              f"usage {100 * last['codebook_usage']:.1f} %." if last else
+                              "No evaluation ran before it (--validation_steps).",
+                        "These weights are not a usable tokenizer. Why:"],
+            "reasons": metrics.get("divergence_reasons", []),
+            "advice": "Try a lower --learning_rate, or a quantization loss that pulls the latents to their codes "
+                      "(quantization_loss=l2) (docs/training.md, 'Is my run healthy?').",
+            "log": f"The run DIVERGED at step {step}",
+            "card": f"**Warning: this run diverged at step {step}** (it was stopped there; these are the weights of "
+                    f"the step before, not a usable tokenizer)",
+        })
+    if metrics.get("collapsed"):
+        failures.append({
+            "headline": f"the model COLLAPSED after {steps} steps ({seconds:.0f} s).",
+            "details": ["Its reconstructions do not follow its inputs; do not use this model. Why:"],
+            "reasons": metrics.get("collapse_reasons", []),
+            "advice": "Try a lower --learning_rate or more --max_train_steps (docs/training.md, 'Is my run healthy?').",
+            "log": "The final model COLLAPSED",
+            "card": "**Warning: this run collapsed** (its reconstructions do not depend on its inputs)",
+        })
+    return failures
+
+
 def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | None, demo: bool = False) -> str:
     """The text printed at the end of training: the verdict, what the numbers mean, and which files to open."""
     label = get_quantizer_class(config.quantizer_type).display_name
@@ -753,12 +852,11 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
     steps, train_time = metrics["global_step"], metrics["train_time_s"]
     baseline = metrics.get("mean_image_psnr")
     lines = []
-    if metrics.get("collapsed"):
-        lines += [f"\n{label} training FAILED: the model COLLAPSED after {steps} steps ({train_time:.0f} s).",
-                  "Its reconstructions do not follow its inputs; do not use this model. Why:",
-                  *(f"  - {reason}" for reason in metrics["collapse_reasons"]),
-                  "Try a lower --learning_rate or more --max_train_steps (docs/training.md, 'Is my run healthy?')."]
-    else:
+    failures = run_failures(metrics)
+    for index, failure in enumerate(failures):
+        lines += [("\n" + label + " training FAILED: " if index == 0 else "\nAlso: ") + failure["headline"],
+                  *failure["details"], *(f"  - {reason}" for reason in failure["reasons"]), failure["advice"]]
+    if not failures:
         lines.append(f"\n{label} training done: {steps} steps in {train_time:.0f} s "
                      f"({metrics['seconds_per_step']:.3f} s/step).")
         if "psnr" not in metrics:
@@ -792,9 +890,10 @@ def final_summary(metrics: dict, config, output_dir: str, logging_dir: str | Non
                   f"  {os.path.abspath(metrics['code_usage_histogram'])}",
                   "      tokens per code (left) and most used first (right): a long, gently falling curve is good; a "
                   "few tall bars mean few codes in use."]
-    lines += [f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
-              f"{json.dumps(metrics.get('collapsed'))})",
-              f"  {where}    the model: OptVQModel.from_pretrained({where!r})"]
+    lines.append(f"  {os.path.join(where, 'metrics.json')}    every number and the verdict (\"collapsed\": "
+                 f"{json.dumps(metrics.get('collapsed'))}, \"diverged\": {json.dumps(metrics.get('diverged'))})")
+    if metrics.get("final_model_saved", True):
+        lines.append(f"  {where}    the model: OptVQModel.from_pretrained({where!r})")
     if logging_dir is not None:
         lines.append(f"  tensorboard --logdir {os.path.abspath(logging_dir)}    loss, PSNR and code usage over time")
     return "\n".join(lines)
@@ -815,15 +914,27 @@ def end_training(accelerator):
 
 
 COLLAPSE_EXIT_CODE = 3
+DIVERGENCE_EXIT_CODE = 4
+
+
+def exit_status(metrics: dict, fail_on_collapse: bool = False) -> int:
+    """The command's exit status for its final metrics: `DIVERGENCE_EXIT_CODE` (4) for a diverged run (always),
+    `COLLAPSE_EXIT_CODE` (3) for a collapsed one with `--fail_on_collapse`, else 0."""
+    if metrics.get("diverged"):
+        return DIVERGENCE_EXIT_CODE
+    return COLLAPSE_EXIT_CODE if fail_on_collapse and metrics.get("collapsed") else 0
 
 
 def cli():
     """The console command `optvq-train` (and `python examples/run_train.py`): `main()` on the command line; exits
-    with status `COLLAPSE_EXIT_CODE` when `--fail_on_collapse` is given and the final model collapsed, else 0 (the
-    metrics are not returned: a console command exits with the return value of its function)."""
+    with [`exit_status`]: 4 when the run diverged, 3 when `--fail_on_collapse` is given and the final model
+    collapsed, else 0 (the metrics are not returned: a console command exits with the return value of its
+    function). With several processes only the main one exits with the verdict's status: a launcher (torchrun,
+    `accelerate launch`) stops the other workers as soon as one exits non-zero, and the main process may still be
+    writing the model and metrics.json; the launcher then reports the main process's status."""
     args = parse_args()
     metrics = main(args)
-    sys.exit(COLLAPSE_EXIT_CODE if args.fail_on_collapse and metrics.get("collapsed") else 0)
+    sys.exit(exit_status(metrics, args.fail_on_collapse) if int(os.environ.get("RANK", "0")) == 0 else 0)
 
 
 if __name__ == "__main__":

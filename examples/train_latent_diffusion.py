@@ -41,7 +41,8 @@ from PIL import Image
 from optvq_hf import OptVQConfig, OptVQModel, OptVQVQModel
 from optvq_hf.training.runtime import several_processes_on_cpu
 
-DEFAULT_MNIST_DIR = os.environ.get("OPTVQ_MNIST_DIR", "/work/shared/datasets/mnist")
+# No machine-specific default: a folder given with --mnist_dir or the OPTVQ_MNIST_DIR environment variable.
+DEFAULT_MNIST_DIR = os.environ.get("OPTVQ_MNIST_DIR") or None
 
 
 def parse_args(argv=None):
@@ -49,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Where the pipeline (and samples.png) is written.")
     parser.add_argument("--dataset", choices=("auto", "mnist", "skimage"), default="auto",
                         help="'auto': MNIST if --mnist_dir has its parquet files, else scikit-image's LFW faces.")
-    parser.add_argument("--mnist_dir", default=DEFAULT_MNIST_DIR, help="Folder with MNIST train-*.parquet.")
+    parser.add_argument("--mnist_dir", default=DEFAULT_MNIST_DIR,
+                        help="Folder with MNIST train-*.parquet (the Hub's ylecun/mnist layout), e.g. "
+                             "../shared/datasets/mnist (default: $OPTVQ_MNIST_DIR; needed for --dataset mnist).")
     parser.add_argument("--num_images", type=int, default=8192, help="Training images to use (at most).")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--vqvae", default=None,
@@ -66,7 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample_steps", type=int, default=50, help="DDIM steps for samples.png.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_every", type=int, default=100)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dataset == "mnist" and not args.mnist_dir:
+        parser.error("--dataset mnist needs --mnist_dir (a folder with MNIST train-*.parquet) or $OPTVQ_MNIST_DIR.")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ def load_skimage_faces(num_images: int, image_size: int) -> torch.Tensor:
 
 def load_images(args) -> tuple[torch.Tensor, str]:
     use_mnist = args.dataset == "mnist" or (
-        args.dataset == "auto" and glob.glob(os.path.join(args.mnist_dir, "train-*.parquet"))
+        args.dataset == "auto" and args.mnist_dir and glob.glob(os.path.join(args.mnist_dir, "train-*.parquet"))
     )
     if use_mnist:
         return load_mnist(args.mnist_dir, args.num_images, args.image_size), f"MNIST ({args.mnist_dir})"

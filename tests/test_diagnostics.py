@@ -108,13 +108,50 @@ def test_diagnose_collapse_flags_each_symptom_and_passes_a_healthy_run():
 
 
 def test_training_docs_health_snippet_runs(tmp_path, monkeypatch):
-    """docs/training.md, "Is my run healthy?": its Python block runs as written."""
+    """docs/training.md, "Is my run healthy?": its Python blocks (collapse, divergence) run as written."""
     import pathlib
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     section = text.split("## Is my run healthy?", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
-    assert len(blocks) == 1
+    assert len(blocks) == 2 and "diagnose_collapse" in blocks[0] and "diagnose_divergence" in blocks[1]
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "<docs/training.md>", "exec"), {"__name__": "__docs__"})
+    for block in blocks:
+        exec(compile(block, "<docs/training.md>", "exec"), {"__name__": "__docs__"})
+
+
+def test_divergence_signal_and_verdict():
+    """The per-step divergence numbers (no host synchronization until read) and the verdict built from them."""
+    from optvq_hf.training import (
+        MAX_TRAINING_LATENT_MAGNITUDE, DivergenceDiagnosis, diagnose_divergence, divergence_signal,
+        reduce_divergence_signal,
+    )
+
+    latents = torch.tensor([[1.0, -7.0], [3.0, 2.0]])
+    assert divergence_signal(torch.tensor(0.5), latents).tolist() == [0.0, 7.0]
+    assert divergence_signal(torch.tensor(float("nan")), latents).tolist() == [1.0, 7.0]
+    assert divergence_signal(torch.tensor(0.5), latents.new_tensor([1.0, float("nan")])).tolist() == [0.0, math.inf]
+    assert divergence_signal(torch.tensor(0.5), latents.new_tensor([-float("inf")])).tolist() == [0.0, math.inf]
+    assert divergence_signal(torch.tensor(0.5)).tolist() == [0.0, 0.0]
+    assert divergence_signal(None).tolist() == [2.0, math.inf]  # the forward pass failed
+    assert reduce_divergence_signal(torch.tensor([0.0, 3.0])).tolist() == [0.0, 3.0]  # one process: itself
+
+    healthy = diagnose_divergence(True, 50.0, step=3)
+    assert not healthy.diverged and healthy.to_dict() == {"diverged": False, "divergence_reasons": []}
+    assert "stable" in healthy.message()
+    at_limit = diagnose_divergence(True, MAX_TRAINING_LATENT_MAGNITUDE, step=3)
+    assert MAX_TRAINING_LATENT_MAGNITUDE == 1e6 and not at_limit.diverged  # beyond the limit, not at it
+    exploded = diagnose_divergence(True, 2e6, step=7)
+    assert exploded.diverged and exploded.to_dict()["diverged_at_step"] == 7
+    assert exploded.to_dict()["divergence_latent_magnitude"] == 2e6 and "magnitude of 2e+06" in exploded.reasons[0]
+    assert exploded.message().startswith("DIVERGED RUN at step 7: ")
+    assert not diagnose_divergence(True, 2e6, max_latent_magnitude=1e7).diverged
+    assert not diagnose_divergence(True, 1e30, max_latent_magnitude=0).diverged  # 0: the loss only
+    nan_loss = diagnose_divergence(False, 3.0, step=2)
+    assert nan_loss.diverged and nan_loss.reasons == ["The training loss is NaN or Inf."]
+    nan_latents = diagnose_divergence(True, float("nan"), step=2)
+    assert nan_latents.diverged and nan_latents.to_dict()["divergence_latent_magnitude"] == "inf"  # JSON-safe
+    failed = diagnose_divergence(False, math.inf, step=2, forward_failed=True)
+    assert failed.diverged and len(failed.reasons) == 1 and failed.reasons[0].startswith("The model refused")
+    assert isinstance(diagnose_divergence(), DivergenceDiagnosis) and not diagnose_divergence().diverged

@@ -65,3 +65,19 @@ def test_example_trains_saves_and_reloads(tmp_path):
     reloaded = OptVQVQModel.from_pretrained(tmp_path / "ldm2" / "vqvae")
     for key, value in pipeline.vqvae.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value)
+
+
+def test_mnist_folder_has_no_machine_specific_default(tmp_path, monkeypatch):
+    """--mnist_dir comes from the command line or $OPTVQ_MNIST_DIR, never from a path of the machine the example was
+    written on: without either, 'auto' falls back to the bundled faces and '--dataset mnist' is a usage error."""
+    monkeypatch.delenv("OPTVQ_MNIST_DIR", raising=False)
+    example = load_example()
+    assert example.DEFAULT_MNIST_DIR is None
+    args = example.parse_args(["--output_dir", str(tmp_path), "--num_images", "4"])
+    assert args.mnist_dir is None
+    images, description = example.load_images(args)
+    assert description == "scikit-image LFW faces" and images.shape == (4, 1, 32, 32)
+    with pytest.raises(SystemExit):
+        example.parse_args(["--output_dir", str(tmp_path), "--dataset", "mnist"])
+    monkeypatch.setenv("OPTVQ_MNIST_DIR", str(tmp_path / "mnist"))
+    assert load_example().parse_args(["--output_dir", str(tmp_path)]).mnist_dir == str(tmp_path / "mnist")

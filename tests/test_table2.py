@@ -3,6 +3,7 @@ end (train, score, curves against wall time, load samples, docs section) on tiny
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -122,3 +123,55 @@ def test_command_text_is_what_a_user_types():
     assert "--master_port PORT examples/run_train.py " in text and sys.executable not in text and ROOT not in text
     if os.path.isdir(table2.DEFAULT_DATA):
         assert "--dataset_name ../shared/datasets/mnist " in text
+
+
+def test_table2_reports_a_diverged_run_with_its_verdict_and_the_score_of_its_kept_weights(tmp_path):
+    """A run that diverges (run_train exits with status 4) is not a crash of the benchmark: its row says DIVERGED at
+    its step, and the finite weights it kept are scored on the test split, as the VQ baseline's are at --budget
+    paper."""
+    table2 = _table2()
+    data = write_tiny_dataset(str(tmp_path / "data"), num_train=40, num_test=10, corrupt=0, size=(28, 28))
+    out = tmp_path / "out"
+    # lr 0.3 x batch 4, warmed up over 8 steps: the VQ model's latents pass 1e6 within a few steps (5 here)
+    diverging = ("--max_train_steps 20 --validation_steps 1 --train_batch_size 4 --num_threads 1 "
+                 "--codebook_init_batches 2 --learning_rate 0.3 --lr_scheduler linear --lr_warmup_steps 8")
+    results = table2.main(["--budget", "paper", "--quantizers", "vq", "--dataset_name", data, "--output_dir",
+                           str(out), "--num_processes", "1", "--train_args", diverging])
+    vq = results["vq"]
+    step = int(vq["verdict"].removeprefix("DIVERGED at step ").split(",")[0])
+    assert vq["global_step"] == step - 1 and vq["last_eval"]["step"] == step - 1
+    assert vq["num_samples"] == 10 and 0 < vq["psnr"] < 20  # the kept weights, scored by run_eval
+    row = (out / "table2.md").read_text().splitlines()[-1]
+    assert row.startswith("| VQ-VAE (`vq-mnist`) | DIVERGED at step ") and f"| {vq['psnr']:.2f} |" in row
+    curve = json.loads((out / "table2.json").read_text())["curves"]["vq"]
+    assert curve[-1]["final"] and curve[-1]["step"] == step - 1
+
+
+def test_a_diverged_run_without_a_score_shows_its_last_evaluation():
+    table2 = _table2()
+    base = {"global_step": 5, "train_time_s": 3.0, "seconds_per_step": 0.6, "train_wall_s": 30.0}
+    table = table2.render_table({
+        "vq": {**base, "verdict": "DIVERGED at step 6",
+               "last_eval": {"step": 4, "psnr": 12.0, "codebook_usage": 0.01, "perplexity": 2.0}},
+        "optvq": {**base, "verdict": "DIVERGED at step 2", "last_eval": None}}, "paper")
+    header, rule, vq_row, optvq_row = table.splitlines()
+    assert header.count("|") == rule.count("|") == vq_row.count("|") == optvq_row.count("|")
+    assert "| DIVERGED at step 6 | none (last evaluation, step 4: 12.00) | | 1.0 % (step 4) | | " in vq_row
+    assert "| DIVERGED at step 2 | none | | | | " in optvq_row
+
+
+def test_vq_latent_growth_probe_runs_and_reports_each_step(tmp_path):
+    """benchmarks/vq_latent_growth.py (the probe behind docs/training.md's account of the VQ divergence) on tiny
+    data: one JSON record per reported step with the numbers the docs quote."""
+    spec = importlib.util.spec_from_file_location("vq_latent_growth",
+                                                  os.path.join(ROOT, "benchmarks", "vq_latent_growth.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    data = write_tiny_dataset(str(tmp_path / "data"), num_train=24, num_test=4, corrupt=0)
+    records = probe.main(["--dataset_name", data, "--config_overrides",
+                          "codebook_size=32,base_channels=8,latent_channels=8,embed_dim=8,resolution=16",
+                          "--batch_size", "4", "--steps", "3", "--every", "1", "--schedule_steps", "100"])
+    assert [record["step"] for record in records] == [1, 2, 3]
+    for record in records:
+        assert math.isfinite(record["latent_max"]) and record["latent_max"] >= record["latent_rms"] > 0
+        assert 1 <= record["codes_used"] <= 32 and record["codebook_rms"] > 0 and len(record["encoder_conv_norms"]) > 1

@@ -45,3 +45,15 @@ def test_evaluation_is_reduced_over_uneven_shards(results):
 def test_running_means_average_every_value_of_every_process(results):
     on_rank0, on_rank1 = results["means"]
     assert on_rank0 == on_rank1 == {"l1": pytest.approx(1.5), "loss": pytest.approx(3.0)}
+
+
+def test_divergence_seen_by_one_rank_is_the_verdict_of_every_rank(results):
+    """The per-step divergence signal is reduced with a max, so a rank that sees NaN latents, an Inf loss or a failed
+    forward pass stops every rank at the same step (a rank stopping alone would hang the others in a collective)."""
+    on_rank0, on_rank1 = results["divergence"]
+    assert on_rank0 == on_rank1
+    (healthy, _, _), (nan_latents, *nan_verdict), (inf_loss, *inf_verdict), (failed, *failed_verdict) = on_rank0
+    assert healthy == [0.0, 3.0] and not on_rank0[0][1]  # the larger of the two ranks' latents
+    assert nan_latents == [0.0, float("inf")] and nan_verdict[0] and "magnitude of inf" in nan_verdict[1][0]
+    assert inf_loss == [1.0, 1.0] and inf_verdict == [True, ["The training loss is NaN or Inf."]]
+    assert failed == [2.0, float("inf")] and failed_verdict[0] and "refused the latents" in failed_verdict[1][0]

@@ -9,17 +9,24 @@
   -0.9 to -0.2 dB.
 * Dead-run detection: a run killed by an absurd learning rate is flagged in the log, the summary and
   `metrics.json`, and `--fail_on_collapse` turns it into exit status 3.
+* Divergence: a run whose latents explode or whose loss turns NaN stops at that step (in one process, and in two
+  gloo processes, which stop together instead of hanging), keeps the finite weights of the step before, and says
+  DIVERGED on every channel (log, progress bar, summary, metrics.json, model card) with exit status 4.
 """
 
 import json
 import logging
+import math
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from training_helpers import EXAMPLES, tiny_args, write_tiny_dataset
+from training_helpers import EXAMPLES, ROOT, free_port, tiny_args, write_tiny_dataset
 
 import run_train  # noqa: E402  (examples/ is on sys.path through training_helpers)
 
@@ -97,6 +104,91 @@ def test_fail_on_collapse_keeps_exit_status_zero_for_a_healthy_run(tiny_data, tm
     assert "eval=" in printed.err and "eval=COLLAPSED" not in printed.err
 
 
+
+# lr 1 x batch 8, warmed up linearly over 30 steps: the latents pass 1e6 within the first 10 steps (step 6 here; the
+# tiny model's trajectory is erratic, so the checks below hold for whichever step it is). Evaluations and checkpoints
+# every step, the last 2 kept: the last ones before the divergence must survive it.
+DIVERGING = ("--max_train_steps", "40", "--learning_rate", "1", "--lr_scheduler", "linear", "--lr_warmup_steps", "30",
+             "--validation_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--seed", "0")
+
+
+def _check_diverged_outputs(output: str, metrics: dict) -> int:
+    """The channels a diverged run writes to its folder: metrics.json, the model card, the kept (finite) weights, the
+    checkpoints; returns the step it diverged at."""
+    step = metrics["diverged_at_step"]
+    assert metrics["diverged"] is True and 2 <= step <= 10 and metrics["global_step"] == step - 1
+    assert metrics["divergence_latent_magnitude"] > 1e6
+    assert any("latents reached a magnitude" in reason for reason in metrics["divergence_reasons"])
+    assert metrics["last_eval"]["step"] == step - 1 and math.isfinite(metrics["last_eval"]["psnr"])
+    assert metrics["final_model_saved"] is True
+    # The last good checkpoint is kept; nothing was saved at or after the diverged step.
+    assert metrics["last_checkpoint"] == os.path.join(output, f"checkpoint-{step - 1}")
+    assert max(int(name.split("-")[1]) for name in os.listdir(output) if name.startswith("checkpoint-")) == step - 1
+    weights = load_file(os.path.join(output, "model.safetensors"))
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
+    with open(os.path.join(output, "README.md")) as handle:
+        assert f"Warning: this run diverged at step {step}" in handle.read()
+    return step
+
+
+def test_a_diverged_run_stops_and_is_reported_on_every_channel(tiny_data, tmp_path, caplog, capsys, monkeypatch):
+    output = str(tmp_path / "diverged")
+    monkeypatch.setattr(sys, "argv", [os.path.join(EXAMPLES, "run_train.py"), *tiny_args(tiny_data, output,
+                                                                                         *DIVERGING)])
+    with caplog.at_level(logging.WARNING, logger="optvq_hf.run_train"):
+        with pytest.raises(SystemExit) as exit_info:  # no --fail_on_collapse needed: divergence always fails
+            runpy.run_path(os.path.join(EXAMPLES, "run_train.py"), run_name="__main__")
+    assert exit_info.value.code == run_train.DIVERGENCE_EXIT_CODE == 4
+    with open(os.path.join(output, "metrics.json")) as handle:
+        step = _check_diverged_outputs(output, json.load(handle))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert any(message.startswith(f"step {step}: DIVERGED RUN at step {step}") for message in warnings)
+    assert any(message.startswith(f"The run DIVERGED at step {step}") for message in warnings)
+    printed = capsys.readouterr()
+    assert f"training FAILED: the run DIVERGED at step {step}" in printed.out and "training done" not in printed.out
+    assert f"The last evaluation before it: step {step - 1}" in printed.out and '"diverged": true' in printed.out
+    assert "run=DIVERGED" in printed.err
+
+
+def test_weights_that_break_the_forward_pass_end_the_run_as_diverged_without_saving_them(tiny_data, tmp_path):
+    """lr 10 x batch 8: one update takes the latents past what the quantizer accepts (1e15); the forward pass's
+    ValueError becomes the verdict instead of a traceback. The kept weights are finite, but their latents are beyond
+    evaluation, so no score is reported; a healthy run records `diverged: false`."""
+    output = str(tmp_path / "broken")
+    metrics = run_train.main(tiny_args(tiny_data, output, "--max_train_steps", "5", "--learning_rate", "10",
+                                       "--lr_scheduler", "constant"))
+    assert metrics["diverged"] is True and metrics["diverged_at_step"] == 2
+    assert metrics["divergence_reasons"][0].startswith("The model refused the latents")
+    assert "psnr" not in metrics and metrics["last_eval"] is None and metrics["final_model_saved"] is True
+    assert run_train.exit_status(metrics) == 4 == run_train.exit_status(metrics, fail_on_collapse=True)
+    assert run_train.exit_status({"diverged": False, "collapsed": True}) == 0
+    assert run_train.exit_status({"diverged": False, "collapsed": True}, fail_on_collapse=True) == 3
+
+
+def test_two_processes_stop_together_when_the_run_diverges(tiny_data, tmp_path):
+    """2 gloo processes (torchrun): both ranks reach the verdict at the same step and exit with status 4; the
+    command ends (a rank that stopped alone would leave the other waiting in a collective until the timeout)."""
+    output = str(tmp_path / "diverged-2")
+    args = tiny_args(tiny_data, output, *DIVERGING)
+    args[args.index("--train_batch_size") + 1] = "4"  # global batch 8, as in one process
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), os.path.join(EXAMPLES, "run_train.py"), *args]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    log = completed.stdout + completed.stderr
+    assert completed.returncode != 0, log[-3000:]
+    # The main process exits with the divergence status once it has written everything (the other rank with 0, so
+    # that torchrun does not stop the main one early); no worker raised, none was killed.
+    assert log.count("exitcode  : 4") == 1 and "rank      : 0 (local_rank: 0)" in log, log[-3000:]
+    assert log.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in log, log[-3000:]
+    assert "closing signal" not in log, log[-3000:]
+    with open(os.path.join(output, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["num_processes"] == 2
+    assert metrics["diverged"] is True and metrics["final_model_saved"] is True
+    assert metrics["global_step"] == metrics["diverged_at_step"] - 1 >= 1
+    assert os.path.isfile(os.path.join(output, "model.safetensors"))
+    assert "training FAILED: the run DIVERGED" in completed.stdout
 
 def test_the_makefile_demo_runs_the_setting_the_summary_describes():
     """The final summary quotes `make demo`'s measured PSNR range (run_train.DEMO_EXPECTED_PSNR) for the setting

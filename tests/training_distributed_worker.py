@@ -8,7 +8,10 @@ import torch
 import torch.distributed as dist
 
 from optvq_hf import OptVQConfig, OptVQModel
-from optvq_hf.training import RunningMeans, evaluate_reconstruction, initialize_codebook
+from optvq_hf.training import (
+    RunningMeans, diagnose_divergence, divergence_signal, evaluate_reconstruction, initialize_codebook,
+    reduce_divergence_signal,
+)
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -62,6 +65,23 @@ gathered = [None] * world
 dist.all_gather_object(gathered, result_means)
 if rank == 0:
     result["means"] = gathered
+
+# Divergence: only one rank sees it (step 1: rank 1's latents are NaN; step 2: rank 0's loss is Inf; step 3: rank 1's
+# forward failed); the reduced signal gives every rank the same verdict. Step 0: both healthy.
+verdicts = []
+for step, (loss, latents) in enumerate([
+    (torch.tensor(1.0), torch.full((2, 3), 2.0 + rank)),
+    (torch.tensor(1.0), torch.full((2, 3), float("nan") if rank == 1 else 5.0)),
+    (torch.tensor(float("inf") if rank == 0 else 1.0), torch.ones(2, 3)),
+    (None if rank == 1 else torch.tensor(1.0), None if rank == 1 else torch.ones(2, 3)),
+]):
+    signal = reduce_divergence_signal(divergence_signal(loss, latents)).tolist()
+    verdict = diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2)
+    verdicts.append([signal, verdict.diverged, verdict.reasons])
+gathered = [None] * world
+dist.all_gather_object(gathered, verdicts)
+if rank == 0:
+    result["divergence"] = gathered
     with open(sys.argv[1], "w") as handle:
         json.dump(result, handle)
 dist.destroy_process_group()

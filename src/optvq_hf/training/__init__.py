@@ -9,7 +9,8 @@
   decode once, tensors in the hot loop, corrupt images skipped and counted; a bundled demo set;
 * evaluation during training (`evaluate_reconstruction`), with the metrics and pictures of `optvq_hf.metrics`;
 * checkpoints saved and resumed atomically; CPU threads per process; a fresh process for other Accelerate settings.
-* dead-run detection: the mean-image baseline, the reconstructions' spread across images, a collapse verdict.
+* dead-run detection: the mean-image baseline, the reconstructions' spread across images, a collapse verdict; and
+  divergence detection on every step (non-finite loss, exploding latents), agreed on by every process.
 """
 
 from .checkpointing import (
@@ -50,14 +51,19 @@ from .data import (
     to_pixel_values,
 )
 from .diagnostics import (
+    MAX_TRAINING_LATENT_MAGNITUDE,
     MIN_CODES_USED,
     MIN_PSNR_GAIN_DB,
     MIN_RECONSTRUCTION_SPREAD,
     CollapseDiagnosis,
+    DivergenceDiagnosis,
     ReconstructionSpread,
     diagnose_collapse,
+    diagnose_divergence,
+    divergence_signal,
     mean_image_psnr,
     reconstruction_spread,
+    reduce_divergence_signal,
 )
 from .ema import EMAModel
 from .evaluation import RunningMeans, evaluate_reconstruction
@@ -85,7 +91,8 @@ __all__ = [
     "decode_image", "find_image_column", "load_image_dataset", "to_pixel_values", "augmentation_generator",
     "build_image_dataset", "decode_image_column", "decode_images", "iter_image_batches", "split_train_and_eval",
     "MIN_CODES_USED", "MIN_PSNR_GAIN_DB", "MIN_RECONSTRUCTION_SPREAD", "CollapseDiagnosis", "ReconstructionSpread",
-    "diagnose_collapse", "mean_image_psnr", "reconstruction_spread",
+    "diagnose_collapse", "mean_image_psnr", "reconstruction_spread", "MAX_TRAINING_LATENT_MAGNITUDE",
+    "DivergenceDiagnosis", "diagnose_divergence", "divergence_signal", "reduce_divergence_signal",
     "EMAModel", "RunningMeans", "evaluate_reconstruction",
     "LPIPS", "LPIPS_WEIGHTS_NAME", "NLayerDiscriminator", "OptVQLoss", "OptVQLossOutput", "adaptive_gan_weight",
     "hinge_discriminator_loss", "vanilla_discriminator_loss",

@@ -12,6 +12,13 @@ paints the same image for every input. Three symptoms, checked on the evaluation
 Front ends (`examples/run_train.py`, your own loop) compute the baseline once with [`mean_image_psnr`], accumulate
 the spread during evaluation with [`ReconstructionSpread`] (reducible over processes), and call
 [`diagnose_collapse`], whose [`CollapseDiagnosis`] holds the verdict, the reasons and the numbers for `metrics.json`.
+
+A run can also *diverge*: its loss turns NaN / Inf, or its encoder's latents grow without bound (a plain-VQ model
+trained with the `"ce"` quantization loss does: nothing pulls the latents back to their codes, see docs/training.md,
+"Reproducing Table 2"). That is checked on every training step, before the update is applied: [`divergence_signal`]
+packs the two numbers into one small tensor (no host synchronization), [`reduce_divergence_signal`] takes their
+maximum over processes (one tiny all-reduce, so every rank reaches the same verdict at the same step and they stop
+together), and [`diagnose_divergence`] turns them into a [`DivergenceDiagnosis`].
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ __all__ = [
     "ReconstructionSpread",
     "CollapseDiagnosis",
     "diagnose_collapse",
+    "MAX_TRAINING_LATENT_MAGNITUDE",
+    "divergence_signal",
+    "reduce_divergence_signal",
+    "DivergenceDiagnosis",
+    "diagnose_divergence",
 ]
 
 # A run must beat the mean image by this many dB (healthy demo runs beat it by 6 to 10 dB; dead ones by < 0.1 dB).
@@ -40,6 +52,12 @@ MIN_PSNR_GAIN_DB = 1.0
 MIN_RECONSTRUCTION_SPREAD = 0.05
 # The evaluation images must use at least this many distinct codes (when the codebook has more).
 MIN_CODES_USED = 4
+#: Latents larger than this in magnitude mark a training run as diverged. Healthy models keep theirs within about
+#: 1 to 100 (the MNIST and ImageNet presets: below 30); at 1e6, float32's spacing (0.06) is as coarse as the
+#: differences between codes, so the straight-through latents `z + (c - z)` no longer carry their codes, and a run
+#: whose latents got there only grows further (a `"ce"` VQ run: x10 every ~10 steps, see docs/training.md). The
+#: quantizer itself refuses latents beyond `optvq_hf.validation.MAX_FEATURE_MAGNITUDE` (1e15), far above this.
+MAX_TRAINING_LATENT_MAGNITUDE = 1e6
 
 
 def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -241,3 +259,114 @@ def diagnose_collapse(
         reconstruction_spread=reconstruction_spread if finite(reconstruction_spread) else None,
         codes_used=codes_used, codebook_size=codebook_size,
     )
+
+
+@torch.no_grad()
+def divergence_signal(loss: torch.Tensor | None, latents: torch.Tensor | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The per-step divergence numbers of one process, as a float32 tensor `(2,)` on the loss's device, computed
+    without a host synchronization: `[status, largest latent magnitude]`, status 0 for a finite loss, 1 for a NaN /
+    Inf loss, 2 when the forward pass failed (`loss=None`: the model refused its latents; the magnitude is then
+    `inf`). The magnitude is `inf` when a latent is NaN or Inf, 0 without `latents`.
+
+    Args:
+        loss (`torch.Tensor` or `None`): the step's (scalar) training loss; `None` when the forward pass raised.
+        latents (`torch.Tensor`, *optional*): the encoder's pre-quantization latents of the step
+            (`OptVQModelOutput.latents`).
+        device (*optional*): where to put the signal when `loss` is `None`.
+    """
+    if loss is None:
+        return torch.tensor([2.0, math.inf], device=device)
+    loss = loss.detach().float().reshape(-1)
+    bad_loss = (~torch.isfinite(loss)).any().float()
+    if latents is None or latents.numel() == 0:
+        magnitude = torch.zeros((), device=loss.device)
+    else:
+        magnitude = latents.detach().abs().amax().float().to(loss.device)
+        magnitude = torch.where(torch.isfinite(magnitude), magnitude, torch.full_like(magnitude, math.inf))
+    return torch.stack([bad_loss, magnitude])
+
+
+def reduce_divergence_signal(signal: torch.Tensor, process_group=None) -> torch.Tensor:
+    """The element-wise maximum of every process's [`divergence_signal`] (an all-reduce of two numbers when
+    `torch.distributed` is initialized with several processes; `signal` itself otherwise), so that all processes
+    get the same verdict from [`diagnose_divergence`] at the same step. Every process must call it at that step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        signal = signal.clone()
+        dist.all_reduce(signal, op=dist.ReduceOp.MAX, group=process_group)
+    return signal
+
+
+@dataclass
+class DivergenceDiagnosis:
+    """The verdict of [`diagnose_divergence`] and the numbers behind it.
+
+    Attributes:
+        diverged (`bool`): the loss was not finite or the latents exceeded the limit.
+        reasons (`list[str]`): one sentence per symptom found (empty when healthy).
+        step (`int`, *optional*): the optimizer step whose forward pass showed the symptom (its update is not
+            applied by `examples/run_train.py`, which stops there).
+        latent_magnitude (`float`, *optional*): the largest latent magnitude (`inf` for NaN / Inf latents).
+        max_latent_magnitude (`float`): the limit it was compared with.
+    """
+
+    diverged: bool
+    reasons: list[str] = field(default_factory=list)
+    step: int | None = None
+    latent_magnitude: float | None = None
+    max_latent_magnitude: float = MAX_TRAINING_LATENT_MAGNITUDE
+
+    def to_dict(self) -> dict:
+        """The flags and numbers for `metrics.json`: `diverged`, `divergence_reasons` and, for a diverged run,
+        `diverged_at_step` and `divergence_latent_magnitude` (a string for Inf, which JSON cannot hold)."""
+        out = {"diverged": self.diverged, "divergence_reasons": list(self.reasons)}
+        if self.diverged:
+            out["diverged_at_step"] = self.step
+            if self.latent_magnitude is not None:
+                out["divergence_latent_magnitude"] = (self.latent_magnitude if math.isfinite(self.latent_magnitude)
+                                                      else str(self.latent_magnitude))
+        return out
+
+    def message(self) -> str:
+        """One paragraph for logs: the verdict and why."""
+        if not self.diverged:
+            return "Training is numerically stable: finite loss, bounded latents."
+        where = f" at step {self.step}" if self.step is not None else ""
+        return (f"DIVERGED RUN{where}: training blew up and was stopped before applying that step's update; the "
+                "weights it reached are not a usable tokenizer. " + " ".join(self.reasons))
+
+
+def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None = None, step: int | None = None,
+                        max_latent_magnitude: float = MAX_TRAINING_LATENT_MAGNITUDE,
+                        forward_failed: bool = False) -> DivergenceDiagnosis:
+    """Decide whether a training step diverged.
+
+    Args:
+        loss_finite (`bool`, defaults to `True`): whether the step's loss was finite (on every process).
+        latent_magnitude (`float`, *optional*): the largest latent magnitude of the step (over every process);
+            NaN counts as Inf.
+        step (`int`, *optional*): the step, for the report.
+        max_latent_magnitude (`float`, defaults to `MAX_TRAINING_LATENT_MAGNITUDE` = 1e6): diverged beyond it;
+            `0` or `inf` checks the loss only.
+        forward_failed (`bool`, defaults to `False`): the forward pass raised on a process (the model refused
+            latents that are NaN, Inf or beyond `optvq_hf.validation.MAX_FEATURE_MAGNITUDE`).
+
+    A [`divergence_signal`] (reduced over processes) `signal` gives the arguments:
+    `diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2)`.
+    """
+    reasons = []
+    if forward_failed:
+        reasons.append("The model refused the latents its encoder computed (NaN, Inf or beyond 1e15 in magnitude).")
+    elif not loss_finite:
+        reasons.append("The training loss is NaN or Inf.")
+    if latent_magnitude is not None and math.isnan(latent_magnitude):
+        latent_magnitude = math.inf
+    if latent_magnitude is not None and 0 < max_latent_magnitude < latent_magnitude and not forward_failed:
+        reasons.append(
+            f"The encoder's latents reached a magnitude of {latent_magnitude:.3g} (limit {max_latent_magnitude:.3g}; "
+            "healthy runs stay within about 1 to 100): they grow without bound, usually a learning rate too high "
+            "for this model or a quantization loss that does not pull the latents to their codes (`\"ce\"`).")
+    return DivergenceDiagnosis(diverged=bool(reasons), reasons=reasons, step=step, latent_magnitude=latent_magnitude,
+                               max_latent_magnitude=max_latent_magnitude)
