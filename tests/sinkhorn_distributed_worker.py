@@ -2,8 +2,8 @@
 
 Every rank takes its own, unevenly sized slice of one seeded global batch, assigns it with the global Sinkhorn
 (`process_group="world"`, and through `OptVQQuantizer` in training mode), gathers all ranks' ids, and rank 0 compares
-them with one process on the concatenated batch. The soft plan (`sinkhorn_plan`, OT-VAE's targets) is checked the same
-way, and `OTVAEQuantizer` for its training / eval / `process_group` behaviour. Results go to the JSON file named by
+them with one process on the concatenated batch. The soft plan (`sinkhorn_plan`, OT-VAE's targets, and its
+`sinkhorn_plan_potentials`) is checked the same way, and `OTVAEQuantizer` for its training / eval / `process_group` behaviour. Results go to the JSON file named by
 argv[1].
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from optvq_hf import OptVQQuantizer, OTVAEQuantizer
-from optvq_hf.sinkhorn import sinkhorn_assign, sinkhorn_plan
+from optvq_hf.sinkhorn import sinkhorn_assign, sinkhorn_plan, sinkhorn_plan_potentials
 
 
 def gather_ids(local_ids: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,19 @@ def soft_plan_cases(rank, results):
         features, codebook, local = global_batch(name, split, codes, dim, rank)
         plan = sinkhorn_plan(local, codebook, epsilon, 5, normalization, process_group="world", block_size=37)
         gathered = gather_ids(plan)
+        # default block rows, which differ between uneven ranks (so does the kernel's headroom sigma)
+        default_blocks = gather_ids(sinkhorn_plan(local, codebook, epsilon, 5, normalization, process_group="world"))
+        # the same plan from its potentials (OT-VAE's training pass rebuilds its rows from them)
+        potentials = sinkhorn_plan_potentials(local, codebook, epsilon, 5, normalization, process_group="world")
+        rebuilt = gather_ids(torch.softmax(-potentials.distance_scale * torch.cdist(local.double(), codebook.double())
+                                           + potentials.code_potentials, dim=1))
         if rank == 0:
             single = sinkhorn_plan(features, codebook, epsilon, 5, normalization)
             local_only = sinkhorn_plan(features[: split[0]], codebook, epsilon, 5, normalization)
             results[name] = {
                 "max_error": float((gathered - single).abs().max()),
+                "potentials_error": float((rebuilt - single.double()).abs().max()),
+                "default_blocks_error": float((default_blocks - single).abs().max()),
                 "local_differs": bool(split[0] == 0 or (gathered[: split[0]] - local_only).abs().max() > 1e-3),
             }
 
@@ -102,11 +110,15 @@ def main():
             local, codebook, normalization=normalization, process_group="world", streaming=streaming, block_size=37
         )
         gathered = gather_ids(ids)
+        # the default block rows, which differ between uneven ranks
+        default_blocks = gather_ids(sinkhorn_assign(local, codebook, normalization=normalization, process_group="world",
+                                                    streaming=streaming))
         if rank == 0:
             single = sinkhorn_assign(features, codebook, normalization=normalization)
             local_only = sinkhorn_assign(features[: split[0]], codebook, normalization=normalization)
             results[name] = {
                 "mismatches": int((gathered != single).sum()),
+                "default_blocks_mismatches": int((default_blocks != single).sum()),
                 "rows": int(single.numel()),
                 # the global plan differs from rank 0's own batch (so the test can tell the two apart)
                 "local_differs": bool(split[0] == 0 or not torch.equal(gathered[: split[0]], local_only)),

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from optvq_hf import CodebookQuantizer, OptVQConfig, OptVQModel, OptVQQuantizer
 from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+from optvq_hf.sinkhorn import get_block_policy
 from reference_optvq import reference_equipartition_plan
 from training_helpers import free_port
 
@@ -53,6 +55,45 @@ def test_targets_are_the_engines_plan_and_exact_where_the_kernel_underflows(epsi
     torch.testing.assert_close(targets.double(), expected, atol=atol, rtol=0)
     torch.testing.assert_close(targets.sum(1), torch.ones(300))
     assert torch.equal(targets, sinkhorn_plan(features, codebook, epsilon, 5, normalization))
+
+
+@pytest.mark.parametrize("epsilon,normalization,num_iters,atol", [(10.0, "all", 5, 1e-5), (3.0, "dim", 5, 1e-5),
+                                                               (7.0, "none", 3, 1e-5), (10.0, "all", 0, 1e-5),
+                                                               (1e3, "all", 5, 1e-4)])
+def test_plan_potentials_give_every_row_of_the_plan(epsilon, normalization, num_iters, atol):
+    """sinkhorn_plan_potentials: softmax_j(-distance_scale * D + code_potentials) is sinkhorn_plan's row, on the
+    kernel passes and on the exact passes (epsilon 1e3), with or without a workspace."""
+    from optvq_hf.sinkhorn import SinkhornWorkspace, sinkhorn_plan, sinkhorn_plan_potentials
+
+    torch.manual_seed(4)
+    features, codebook = torch.randn(300, 2) * 1.5 + 0.3, torch.randn(50, 2)
+    workspace = SinkhornWorkspace()
+    potentials = sinkhorn_plan_potentials(features, codebook, epsilon, num_iters, normalization, workspace=workspace)
+    assert potentials.code_potentials.shape == (50,) and potentials.code_potentials.dtype == torch.float64
+    assert workspace.buffer is not None and workspace.buffer.numel() >= 300 * 50  # the passes ran in it
+    distances = torch.cdist(features.double(), codebook.double())
+    rebuilt = torch.softmax(-potentials.distance_scale * distances + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, sinkhorn_plan(features, codebook, epsilon, num_iters, normalization).double(),
+                               atol=atol, rtol=0)
+    expected_scale = {"all": epsilon / (float(distances.std()) + 1e-6), "dim": epsilon / 2 ** 0.5,
+                      "none": epsilon}[normalization]
+    assert potentials.distance_scale == pytest.approx(expected_scale, rel=1e-5)
+    again = sinkhorn_plan_potentials(features, codebook, epsilon, num_iters, normalization)
+    assert again.distance_scale == potentials.distance_scale
+    assert torch.equal(again.code_potentials, potentials.code_potentials)
+
+
+def test_plan_potentials_edge_cases():
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    one_code = sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(1, 3))
+    assert one_code.code_potentials.shape == (1,)
+    empty = sinkhorn_plan_potentials(torch.randn(0, 3), torch.randn(4, 3))
+    assert empty.code_potentials.shape == (4,) and torch.isfinite(empty.code_potentials).all()
+    with pytest.raises(ValueError, match="marginal_guard"):
+        sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(4, 3), marginal_guard=-1.0)
+    with pytest.raises(ValueError, match="workspace"):
+        sinkhorn_plan_potentials(torch.randn(5, 3), torch.randn(4, 3), workspace=object())
 
 
 def test_targets_spread_over_codes_where_nearest_collapses():
@@ -215,27 +256,41 @@ def test_gumbel_softmax_samples_the_categorical():
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
 
 
-@pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("normalization", ["all", "dim"])
-def test_fused_training_pass_matches_float64_autograd(hard, normalization):
-    """The blocked training pass (its own backward) against the dense float64 autograd graph, the same noise."""
+def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
+    """The fused pass's uniform draws on CPU, written out: numpy's PCG64 seeded by one int64 draw from torch's
+    default generator, float32 in [0, 1) (a 0 draw is a zero weight: noise -log(-log 0) = -inf)."""
+    torch.manual_seed(seed_state)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(shape, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "hard, normalization, temperature, logit_scale",
+    [(False, "all", 1.0, 1.0), (True, "all", 1.0, 1.0), (False, "dim", 1.0, 1.0), (False, "all", 0.7, 1.0),
+     (True, "dim", 0.7, 1.0), (False, "all", 1.0, 2.5), (True, "all", 0.7, 0.6)],
+)
+def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
+    """The blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise drawn
+    again in backward) against the dense float64 autograd graph on the same uniform draws. Covers the shared-kernel
+    path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
+    import optvq_hf.otvae
+
+    monkeypatch.setitem(optvq_hf.otvae._DECODE_BLOCK_ENTRIES, get_block_policy(), 1 << 18)  # 256 rows: 3 blocks
     quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
-                               gumbel_temperature=0.7, commitment_weight=0.5).train()
+                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale).train()
     flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks
     torch.manual_seed(1)
     decoded, loss, token_ids = quantizer.quantize_rows(flat, quantizer.codebook)
     upstream = torch.randn_like(decoded)
     grads = torch.autograd.grad((decoded * upstream).sum() + 3 * loss, [flat, quantizer.embedding.weight])
 
-    torch.manual_seed(1)
     targets = quantizer.targets(flat, quantizer.codebook).double()
     features, codebook = flat.double(), quantizer.codebook.double()
     distances = torch.cdist(features, codebook)
     logits = -quantizer.distance_scale(features, codebook, distances) * distances
     expected_loss = 0.5 * torch.nn.functional.cross_entropy(logits, targets)
-    tiny = torch.finfo(torch.float32).tiny
-    noise = torch.empty(logits.shape).uniform_(tiny, 1.0).log_().neg_().log_().neg_().double()  # float32 draws
-    weights = torch.softmax((logits + noise) / 0.7, dim=1)
+    noise = _fused_pass_uniforms(1, tuple(logits.shape)).double().log().neg().log().neg()
+    weights = torch.softmax((logits + noise) / temperature, dim=1)
     if hard:
         one_hot = torch.zeros_like(weights).scatter_(1, weights.argmax(1, keepdim=True), 1.0)
         weights = one_hot - weights.detach() + weights
@@ -247,3 +302,23 @@ def test_fused_training_pass_matches_float64_autograd(hard, normalization):
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4 * float(expected_grad.abs().max()))
+
+
+def test_training_pass_keeps_no_rows_by_codes_tensor_and_same_seed_same_tokens():
+    """Training: neither the targets, nor the softmax, nor the Gumbel sample or its noise are kept for backward (the
+    noise is drawn again), and a seed fixes the draws."""
+    quantizer = _quantizer().train()
+    features = torch.randn(32, 8, 4, 4, requires_grad=True)  # 1,024 rows x 32 codes
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = quantizer(features)
+    assert max(saved) < 32 * 4 * 4 * 2 * 32
+    out.loss.backward(retain_graph=True)
+    grad = features.grad.clone()
+    torch.manual_seed(3)
+    again = quantizer(features)
+    assert torch.equal(again.token_ids, out.token_ids) and torch.equal(again.quantized, out.quantized)
+    features.grad = None
+    again.loss.backward()
+    assert torch.equal(features.grad, grad)  # the replayed noise is the forward's

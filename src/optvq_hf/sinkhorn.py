@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ __all__ = [
     "normalize_distances",
     "pairwise_euclidean",
     "sinkhorn_plan",
+    "sinkhorn_plan_potentials",
+    "PlanPotentials",
     "set_block_policy",
     "get_block_policy",
     "BLOCK_POLICIES",
@@ -578,6 +581,55 @@ def sinkhorn_plan(features: torch.Tensor, codebook: torch.Tensor, epsilon: float
                      None, soft=True, log_guard=log_guard)
 
 
+class PlanPotentials(NamedTuple):
+    """The soft Sinkhorn plan in closed form: row ``i`` of [`sinkhorn_plan`]'s result is
+    ``softmax_j(-distance_scale * ||z_i - c_j|| + code_potentials[j])``.
+
+    Attributes:
+        distance_scale (`float`): the factor of the Euclidean distances in the plan's logits (for `"all"`,
+            ``epsilon / (std(D) + 1e-6)`` with the standard deviation over the whole, possibly global, batch).
+        code_potentials (`torch.DoubleTensor` of shape `(K,)`): the code potentials after the last code
+            normalization (a constant added to all of them changes no row).
+    """
+
+    distance_scale: float
+    code_potentials: torch.Tensor
+
+
+@torch.no_grad()
+def sinkhorn_plan_potentials(features: torch.Tensor, codebook: torch.Tensor, epsilon: float = 10.0,
+                             num_iters: int = 5, normalization: str = "all", *, process_group=None,
+                             marginal_guard: float = 0.0, block_size: int | None = None,
+                             block_policy: str | None = None,
+                             workspace: SinkhornWorkspace | None = None) -> PlanPotentials:
+    """[`sinkhorn_plan`] without its ``(N, K)`` result: the scale and code potentials that give every row of it.
+
+    The same passes as [`sinkhorn_plan`] except the last one (which writes the normalized rows): a caller that
+    walks the distances block by block anyway (OT-VAE's training pass) rebuilds any block of the plan as
+    ``softmax_j(-distance_scale * D[i, j] + code_potentials[j])``, so no plan-sized tensor outlives the call, and
+    its working buffer can be a reused [`SinkhornWorkspace`].
+
+    Args:
+        features, codebook, epsilon, num_iters, normalization, process_group, marginal_guard, block_size,
+        block_policy: as for [`sinkhorn_plan`].
+        workspace ([`SinkhornWorkspace`], *optional*): where the passes keep their ``(N, K)`` buffer, reused
+            across calls (as for [`sinkhorn_assign`]).
+
+    Returns:
+        [`PlanPotentials`].
+    """
+    _validate(features, codebook, epsilon, num_iters, normalization, False, block_size, workspace, block_policy,
+              name="sinkhorn_plan_potentials")
+    if not (marginal_guard >= 0 and math.isfinite(marginal_guard)):
+        raise ValueError(f"`marginal_guard` must be a finite number >= 0, got {marginal_guard}.")
+    group = _resolve_group(process_group)
+    if codebook.shape[0] == 1:  # one code: every row is [1] whatever the scale
+        return PlanPotentials(0.0, torch.zeros(1, dtype=torch.float64, device=features.device))
+    log_guard = math.log(marginal_guard) if marginal_guard > 0 else -math.inf
+    return _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, True, block_size, block_policy,
+                     workspace, soft="potentials", log_guard=log_guard)
+
+
 def _log_row_totals(logits: torch.Tensor):
     """``(softmax, logsumexp)`` of every row of a block of logits (modified in place), one fused softmax kernel.
 
@@ -675,8 +727,9 @@ def _cost_map(distances, plan, normalization, epsilon, group, total_rows):
 
 def _sinkhorn(features, codebook, epsilon, num_iters, normalization, group, cache, block_size, block_policy, workspace,
               soft=False, log_guard=_LOG_GUARD):
-    """The engine: the assignment, or (`soft=True`, always cached) the plan with every row normalized."""
-    name = "sinkhorn_plan" if soft else "sinkhorn_assign"
+    """The engine: the assignment, or (`soft=True`, always cached) the plan with every row normalized, or
+    (`soft="potentials"`, always cached) the plan's [`PlanPotentials`]."""
+    name = {False: "sinkhorn_assign", True: "sinkhorn_plan", "potentials": "sinkhorn_plan_potentials"}[soft]
     with _no_autocast(features.device):
         features, codebook = _float32_operands(features, codebook, group, normalization, name)
         return _sinkhorn_float32(features, codebook, float(epsilon), int(num_iters), normalization, group, cache,
@@ -692,17 +745,21 @@ def _sinkhorn_float32(features, codebook, epsilon, num_iters, normalization, gro
     plan = _Plan(distances, num_rows, chunk_rows, cache, _block_entries(device, block_policy), workspace)
     total_rows = int(_all_reduce(torch.tensor([num_rows], dtype=torch.float64, device=device), "sum", group)[0])
     if total_rows == 0:
+        if soft == "potentials":
+            return PlanPotentials(0.0, torch.zeros(codebook.shape[0], dtype=torch.float64, device=device))
         return features.new_zeros(0, codebook.shape[0]) if soft else torch.zeros(0, dtype=torch.long, device=device)
     cost_scale, shift, row_min, pivot = _cost_map(distances, plan, normalization, epsilon, group, total_rows)
     if soft:
         if row_min is None:  # a rank without rows
             row_min = torch.zeros(0, dtype=torch.float32, device=device)
         plan_rows = _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows,
-                                        soft=True, log_guard=log_guard)
+                                        soft=soft, log_guard=log_guard)
         if plan_rows is None:  # a code total that the kernel's float32 range cannot vouch for: the exact passes
             plan.cached = False  # recompute lambda * D into the cache
             plan_rows = _soft_plan_passes(plan, row_min + pivot, cost_scale, shift, num_iters, group, total_rows,
-                                          log_guard)
+                                          log_guard, potentials_only=soft == "potentials")
+        if soft == "potentials":  # the logits -cost_scale * lambda * D: per unit of distance, cost_scale * lambda
+            return PlanPotentials(cost_scale * distances.scale, plan_rows)
         return plan_rows
     if plan.cache is not None:
         return _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, group, total_rows)
@@ -723,6 +780,8 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     ``log`` of plan-sized data. Once ``b - c`` spans more than ``_CODE_SPREAD`` nats, the kernel is rebuilt from the
     distances with ``c = b``. See docs/sinkhorn.md for why nothing that float32 drops can matter.
 
+    ``soft="potentials"`` returns the code potentials ``b`` instead (every row of the plan is
+    ``softmax_j(logits[i, j] + b[j])``), without the output pass.
     ``soft=True`` returns the cache holding the plan with every row normalized instead of the row-wise argmax. The
     guards may then be off (``log_guard = -inf``): a code total is then only trusted while it stays far above what
     the kernel's floored entries could add to it; otherwise this returns ``None`` (on every rank alike) and the
@@ -770,14 +829,16 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
         torch.sum(block, dim=1, out=row_sums[start:stop])
         column += (block.t() @ weights[start:stop]).double()
     total = (row_sums.double() * weights.double()).sum()
-    packed, top = _reduce_scaled(torch.cat([column, total.reshape(1)]), top, group)
+    # these sums are exp(logits) summed, times e^(sigma - top): reduce them on that scale (ranks whose block rows
+    # differ have different sigmas)
+    packed, scale = _reduce_scaled(torch.cat([column, total.reshape(1)]), top - sigma, group)
     column, total = packed[:-1], packed[-1]
     if untrusted(column):
         return None
     # Q = exp(logits) / (sum + 1e-8), where exp(logits[i, j]) = G[i, j] exp(m[i] - sigma)
-    log_norm = torch.logaddexp(torch.log(total) + top - sigma, guard)
+    log_norm = torch.logaddexp(torch.log(total) + scale, guard)
     row_potentials = (-log_norm).expand(num_rows).clone()
-    log_columns = torch.log(column) + (top - sigma) - log_norm
+    log_columns = torch.log(column) + scale - log_norm
     code_potentials = torch.zeros(num_codes, **f64)
     kernel_codes = torch.zeros(num_codes, **f64)
 
@@ -787,6 +848,8 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
             code_potentials -= torch.logaddexp(log_columns, guard) + log_codes  # code normalization
         pending = code_potentials - kernel_codes
         last = iteration >= num_iters - 1
+        if last and soft == "potentials":
+            return code_potentials
         if (soft or not last) and float(pending.max() - pending.min()) > _CODE_SPREAD:
             kernel_rows = rebuild_kernel(code_potentials)
             kernel_codes = code_potentials.clone()
@@ -819,7 +882,7 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     return ids  # num_iters == 0 is nearest neighbour, handled by the caller
 
 
-def _soft_plan_passes(plan, row_base, cost_scale, shift, num_iters, group, total_rows, log_guard):
+def _soft_plan_passes(plan, row_base, cost_scale, shift, num_iters, group, total_rows, log_guard, potentials_only=False):
     """The soft plan: the recursion in the exact log domain on logits cached in the output, block by block.
 
     The cache (the returned ``(N, K)`` tensor), refilled with ``lambda * D``, becomes each row's logits relative to
@@ -884,6 +947,8 @@ def _soft_plan_passes(plan, row_base, cost_scale, shift, num_iters, group, total
             log_columns = add_column_share(log_columns, block, potentials + offsets[start:stop])
         log_columns = code_potentials + reduce_columns(log_columns)
 
+    if potentials_only:  # the caller rebuilds the rows: softmax_j (logits[i, j] + b[j])
+        return code_potentials
     # ---- the output: every row of the plan normalized, softmax_j (L'[i, j] + b[j]), in place -----------------
     if plan.cache is None:  # a rank without rows
         return plan.distances.features.new_zeros(0, num_codes)
