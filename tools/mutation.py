@@ -442,17 +442,7 @@ def apply_mutant(module, pristine: bytes, mutant: Mutant, plan: tuple[str, list]
                 return False
             statement = inner[0]
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):  # a default value
-            bare = copy.copy(statement)
-            bare.decorator_list, bare.body = [], [ast.Pass()]
-            exec(compile(ast.fix_missing_locations(ast.Module([bare], [])), filename, "exec"), namespace)
-            fresh = namespace[statement.name]
-            qualname = statement.name if owner is module else f"{owner.__name__}.{statement.name}"
-            targets = [f for key, fs in live.items() if key[0] == qualname for f in fs]
-            if not targets:
-                return False
-            for function in targets:
-                function.__defaults__, function.__kwdefaults__ = fresh.__defaults__, fresh.__kwdefaults__
-            return True
+            return _set_defaults(module, statement, None if owner is module else owner, namespace, live, filename)
         if not isinstance(statement, (ast.Assign, ast.AnnAssign)):
             return False
         targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
@@ -464,7 +454,7 @@ def apply_mutant(module, pristine: bytes, mutant: Mutant, plan: tuple[str, list]
             for name in names:
                 setattr(owner, name, namespace[name])
             return True
-        # module constants computed from the changed ones follow them
+        # module constants computed from the changed ones follow them, and so do defaults that read them
         for later in tree.body[tree.body.index(statement) + 1:]:
             if isinstance(later, ast.Assign) and all(isinstance(t, ast.Name) for t in later.targets) and any(
                 isinstance(n, ast.Name) and n.id in names for n in ast.walk(later.value)
@@ -473,8 +463,29 @@ def apply_mutant(module, pristine: bytes, mutant: Mutant, plan: tuple[str, list]
                 names |= {t.id for t in later.targets}
         for name in names:
             setattr(module, name, namespace[name])
+        for cls, function in _defaults_using(tree, names):
+            if not _set_defaults(module, function, cls, namespace, live, filename):
+                return False
         return True
     return False
+
+
+def _set_defaults(module, function, owner, namespace, live, filename) -> bool:
+    """Evaluate the default values of the `function` node (of class `owner`, or None) and give them to the live
+    function objects."""
+    namespace = dict(namespace)
+    if owner is not None:
+        owner = getattr(module, owner.name) if isinstance(owner, ast.ClassDef) else owner
+        namespace.update(vars(owner))
+    bare = copy.copy(function)
+    bare.decorator_list, bare.body = [], [ast.Pass()]
+    exec(compile(ast.fix_missing_locations(ast.Module([bare], [])), filename, "exec"), namespace)
+    fresh = namespace[function.name]
+    qualname = function.name if owner is None else f"{owner.__name__}.{function.name}"
+    targets = [f for key, fs in live.items() if key[0] == qualname for f in fs]
+    for target in targets:
+        target.__defaults__, target.__kwdefaults__ = fresh.__defaults__, fresh.__kwdefaults__
+    return bool(targets)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -581,9 +592,37 @@ PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addop
                "-W", "ignore", "--no-header", "-rfE", "--capture=sys"]
 
 
+def _defaults_using(tree, names):
+    """The functions (with their class, or None) whose default values read one of `names`."""
+    found = []
+    for statement in tree.body:
+        members = [(None, statement)]
+        if isinstance(statement, ast.ClassDef):
+            members = [(statement, s) for s in statement.body]
+        for owner, node in members:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defaults = node.args.defaults + [d for d in node.args.kw_defaults if d is not None]
+                if any(isinstance(n, ast.Name) and n.id in names for d in defaults for n in ast.walk(d)):
+                    found.append((owner, node))
+    return found
+
+
+def _assigned_names(tree, statement) -> set[str]:
+    """The names a module or class level assignment binds, and the module constants computed from them."""
+    targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+    names = {t.id for t in targets if isinstance(t, ast.Name)}
+    for later in tree.body:
+        if isinstance(later, ast.Assign) and later.lineno > statement.lineno and any(
+            isinstance(n, ast.Name) and n.id in names for n in ast.walk(later.value)
+        ):
+            names |= {t.id for t in later.targets if isinstance(t, ast.Name)}
+    return names
+
+
 def statement_lines(source: bytes, mutant: Mutant) -> set[int] | None:
     """For a module or class level mutant: the lines whose execution it can change (the uses of the names the
-    statement assigns, or the body of the function whose default it changes); None: any line."""
+    statement assigns, the bodies of the functions whose defaults read them, or the body of the function whose
+    default it changes); None: any line. Lines that run at import time only are left out."""
     tree = ast.parse(source)
     for statement in tree.body:
         if not (statement.lineno <= mutant.line <= statement.end_lineno):
@@ -594,24 +633,25 @@ def statement_lines(source: bytes, mutant: Mutant) -> set[int] | None:
                 return None
             statement = inner[0]
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            return set(range(statement.body[0].lineno, statement.end_lineno + 1)) | {statement.lineno}
-        if isinstance(statement, (ast.Assign, ast.AnnAssign)):
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            names = {t.id for t in targets if isinstance(t, ast.Name)}
-            # constants computed from this one
-            for later in tree.body:
-                if isinstance(later, ast.Assign) and later.lineno > statement.lineno and any(
-                    isinstance(n, ast.Name) and n.id in names for n in ast.walk(later.value)
-                ):
-                    names |= {t.id for t in later.targets if isinstance(t, ast.Name)}
-            lines = set()
-            for node in ast.walk(tree):
-                if (isinstance(node, ast.Name) and node.id in names) or (
-                    isinstance(node, ast.Attribute) and node.attr in names
-                ):
-                    lines.add(node.lineno)
-            return lines
-        return None
+            return set(range(statement.body[0].lineno, statement.end_lineno + 1))
+        if not isinstance(statement, (ast.Assign, ast.AnnAssign)):
+            return None
+        names = _assigned_names(tree, statement)
+        lines = set()
+        for _, function in _defaults_using(tree, names):
+            lines |= set(range(function.body[0].lineno, function.end_lineno + 1))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Name) and node.id in names) or (
+                isinstance(node, ast.Attribute) and node.attr in names
+            ):
+                lines.add(node.lineno)
+        import_time = set()
+        for top in tree.body:
+            bodies = top.body if isinstance(top, ast.ClassDef) else [top]
+            for node in bodies:
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    import_time |= set(range(node.lineno, node.end_lineno + 1))
+        return lines - import_time
     return None
 
 
@@ -822,8 +862,21 @@ class Driver:
         disk_file = os.path.join(self.tree, target)
         running = {}  # pid -> (mutant, tier, tests, start, timeout, log, result file, on disk)
         free = list(range(args.jobs))
-        disk_busy = False
         done = 0
+        try:
+            self._schedule(queue, running, free, target, module, pristine, plans, live, durations, stats, started,
+                           reported, disk_file, done)
+        finally:
+            for pid in running:  # interrupted: end the children and everything they started
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _schedule(self, queue, running, free, target, module, pristine, plans, live, durations, stats, started,
+                  reported, disk_file, done):
+        args = self.args
+        disk_busy = False
         while queue or running:
             if args.time_limit is not None and time.time() - started > 60 * args.time_limit:
                 for mutant, tier, _, _ in queue:
