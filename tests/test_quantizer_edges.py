@@ -1,0 +1,26 @@
+"""The quantizer's edges that the main tests do not reach: nearest codes far from the origin, inputs that are not
+tensors, ... (each written against a mutant that survived tests/test_quantizer.py; see docs/testing.md)."""
+
+import pytest
+import torch
+
+from optvq_hf import OptVQQuantizer, VectorQuantizer
+
+
+@pytest.mark.parametrize("quantizer_class", [OptVQQuantizer, VectorQuantizer])
+def test_nearest_codes_far_from_the_origin_are_exact(quantizer_class):
+    # Features and codes near 1000 in every coordinate: ||c||^2 - 2 z.c in float32 loses the distances' digits (the
+    # dense formula picks a wrong code for about a third of these rows); the blockwise path centres first.
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randn(64, 8, generator=generator) + 1000.0
+    rows = torch.randn(500, 8, generator=generator) + 1000.0
+    quantizer = quantizer_class(dim=8, codebook_size=64, use_projection=False).eval()
+    quantizer.set_codebook(codes)
+    token_ids = quantizer(rows[None]).token_ids.reshape(-1)
+    assert torch.equal(token_ids, torch.cdist(rows.double(), codes.double()).argmin(1))
+
+
+@pytest.mark.parametrize("features", [[[0.0] * 8], None, 3.0])
+def test_features_that_are_not_tensors_raise_a_value_error_naming_their_type(features):
+    with pytest.raises(ValueError, match=type(features).__name__):
+        OptVQQuantizer(dim=8, codebook_size=4)(features)

@@ -1,0 +1,94 @@
+"""The Sinkhorn engine where its guards trigger: codes far beyond float32's exp range (the soft plan's exact
+fallback passes, the assignment's kernel rebuilds), the block size as a speed-only knob, and the cross-rank
+statistics' arithmetic, all against float64 references written from the paper (tests/reference_optvq.py)."""
+
+import math
+
+import pytest
+import torch
+
+import optvq_hf.sinkhorn as engine
+from optvq_hf.sinkhorn import euclidean_argmin, sinkhorn_assign, sinkhorn_plan
+from reference_optvq import reference_cost, reference_equipartition_plan, reference_sinkhorn_log_plan
+
+
+def _far_codes(rows=300, codes=256, dim=4, far=3, factor=50.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, dim, generator=generator)
+    codebook = torch.randn(codes, dim, generator=generator)
+    codebook[-far:] *= factor
+    return features, codebook
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("num_iters", [0, 1, 5])
+def test_soft_plan_with_codes_beyond_float32_reach_is_the_exact_equipartition_plan(normalization, num_iters):
+    # Three codes 50x farther than the rest: their column totals lie hundreds of nats below the others, beyond what
+    # the float32 kernel can vouch for, so the guard-free plan takes the exact log-domain passes; with the published
+    # guards the kernel passes stay exact. Both against float64 log-domain references.
+    features, codebook = _far_codes()
+    exact = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization)
+    expected = reference_equipartition_plan(features, codebook, 10.0, num_iters, normalization)
+    torch.testing.assert_close(exact.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(exact.sum(1), torch.ones(len(features)))
+    guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
+    expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, num_iters, normalization), dim=1)
+    torch.testing.assert_close(guarded.double(), expected, atol=1e-4, rtol=0)
+    # blocks of any size (a speed knob) give the same plan
+    torch.testing.assert_close(sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, block_size=7), exact,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "knob,values",
+    [
+        ("_CHUNK_ENTRIES", [1000, 1 << 30]),  # rows of distances per matmul
+        ("_BLOCK_ENTRIES", [1000, 1 << 30]),  # rows per elementwise block (active policy)
+        ("_PASSIVE_BLOCK_ENTRIES", [1000, 1 << 30]),  # the same for the passive policy and streamed passes
+        ("_CODE_SPREAD", [0.0, 30.0]),  # how far code potentials drift before the kernel is rebuilt
+        ("_DIRECT_MAX_DIM", [0, 100]),  # distances by coordinate differences or by one matmul
+        ("_FLOAT32_LOG_MAX", [0.0, 40.0]),  # where in float32's range the cached kernel's rows peak
+    ],
+)
+def test_speed_knobs_change_no_result(monkeypatch, knob, values):
+    """The engine's module constants that trade speed against memory decide how the work is cut into blocks, when the
+    kernel is rebuilt and how distances are computed; none changes an assignment, and the soft plan stays within
+    float32 rounding. Half the codes lie far away (code potentials drift by hundreds of nats over 20 iterations, so
+    the kernel is rebuilt), on the matmul path (d=8) and the coordinate path (d=3)."""
+    cases = []
+    for dim in (3, 8):
+        generator = torch.Generator().manual_seed(dim)
+        features, codebook = torch.randn(250, dim, generator=generator), torch.randn(48, dim, generator=generator)
+        codebook[24:] *= 20.0
+        cases.append((features, codebook))
+
+    def run():
+        out = []
+        for features, codebook in cases:
+            for normalization in ("all", "none"):
+                for policy in ("active", "passive"):
+                    for streaming in (False, True):
+                        out.append(sinkhorn_assign(features, codebook, 10.0, 20, normalization, streaming=streaming,
+                                                   block_policy=policy))
+                out.append(euclidean_argmin(features, codebook))
+                out.append(sinkhorn_plan(features, codebook, 10.0, 20, normalization))
+                out.append(sinkhorn_plan(features, codebook, 10.0, 20, normalization, marginal_guard=1e-8))
+        return out
+
+    default = run()
+    for value in values:
+        monkeypatch.setattr(engine, knob, value)
+        for expected, got in zip(default, run()):
+            if expected.dtype == torch.long:
+                assert torch.equal(got, expected), (knob, value)
+            else:
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_normalize_distances_of_two_entries_uses_their_spread():
+    # the dense helper's "all" normalization: unbiased std from two entries on (a single entry has none)
+    distances = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    expected = torch.tensor([[0.0, 2.0 / (math.sqrt(2.0) + 1e-6)]], dtype=torch.float64)
+    torch.testing.assert_close(engine.normalize_distances(distances), expected)
+    torch.testing.assert_close(engine.normalize_distances(distances.t()), expected.t())
+    assert torch.equal(engine.normalize_distances(distances[:, :1]), torch.zeros(1, 1, dtype=torch.float64))
