@@ -53,13 +53,16 @@ EQUIVALENT_FILE = os.path.join(ROOT, "tools", "mutation_equivalent.json")
 
 TARGETS = {
     "src/optvq_hf/sinkhorn.py": dict(
-        fast=["tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_otvae.py",
-              "tests/test_quantizer.py"],
+        fast=["tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
+              "tests/test_otvae.py", "tests/test_quantizer.py", "tests/test_quantizer_edges.py",
+              "tests/test_reliability.py"],
         slow=["tests/test_sinkhorn_distributed.py"],
     ),
     "src/optvq_hf/quantization.py": dict(
-        fast=["tests/test_quantizer.py", "tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py",
-              "tests/test_otvae.py", "tests/test_core.py", "tests/test_modeling.py", "tests/test_training.py"],
+        fast=["tests/test_quantizer.py", "tests/test_quantizer_edges.py", "tests/test_quantization_loss.py",
+              "tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
+              "tests/test_otvae.py", "tests/test_core.py", "tests/test_modeling.py", "tests/test_training.py",
+              "tests/test_reliability.py"],
         slow=["tests/test_sinkhorn_distributed.py"],
     ),
     "src/optvq_hf/autoencoder.py": dict(
@@ -843,6 +846,8 @@ class Driver:
                 if not covering:
                     mutant.status = "no tests"
                     continue
+                if not fast and self.args.no_slow:
+                    continue  # only slow tests reach it: not judged in this run
                 queue.append([mutant, "fast" if fast else "slow", fast, slow])
             counts = defaultdict(int)
             for mutant in mutants:
