@@ -981,7 +981,16 @@ class Driver:
                 with open(result_file, "w") as handle:
                     json.dump({"ran": ran}, handle)
 
-            if plan[0] == "fallback" or not apply_mutant(module, pristine, mutant, plan, live):
+            try:
+                applied = plan[0] != "fallback" and apply_mutant(module, pristine, mutant, plan, live)
+            except Exception:  # noqa: BLE001 - the mutated module fails at import: every test would fail
+                import traceback
+
+                traceback.print_exc()
+                with open(result_file, "w") as handle:
+                    json.dump({"ran": []}, handle)
+                return 2
+            if not applied:
                 # a fresh interpreter imports the mutant from the tree (its file holds the mutant now)
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                     [os.path.join(self.tree, "src"), os.path.join(self.tree, "packages")]))
