@@ -92,3 +92,24 @@ def test_normalize_distances_of_two_entries_uses_their_spread():
     torch.testing.assert_close(engine.normalize_distances(distances), expected)
     torch.testing.assert_close(engine.normalize_distances(distances.t()), expected.t())
     assert torch.equal(engine.normalize_distances(distances[:, :1]), torch.zeros(1, 1, dtype=torch.float64))
+
+
+def test_normalize_distances_in_float32_keeps_the_distances_digits():
+    # The mean is subtracted before dividing (a constant shift, which the minimum's subtraction would remove anyway)
+    # so that float32 keeps the distances' own digits: against the float64 formula on the same float32 values.
+    distances = 4.0 + 2.0 * torch.rand(300, 200, generator=torch.Generator().manual_seed(0))
+    d = distances.double()
+    normalized = (d - d.mean()) / (d.std() + 1e-6)
+    torch.testing.assert_close(engine.normalize_distances(distances).double(), normalized - normalized.min(),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_default_dense_limit_is_the_documented_one_gib_cache():
+    """docs/sinkhorn.md: `streaming="auto"` caches up to `dense_limit` = 2^28 float32 entries (1 GiB), for the
+    engine and the quantizer alike."""
+    import inspect
+
+    from optvq_hf import OptVQQuantizer
+
+    assert inspect.signature(sinkhorn_assign).parameters["dense_limit"].default == 2**28
+    assert OptVQQuantizer(dim=4, codebook_size=4).sinkhorn_dense_limit == 2**28
