@@ -113,3 +113,14 @@ def test_the_default_dense_limit_is_the_documented_one_gib_cache():
 
     assert inspect.signature(sinkhorn_assign).parameters["dense_limit"].default == 2**28
     assert OptVQQuantizer(dim=4, codebook_size=4).sinkhorn_dense_limit == 2**28
+
+
+def test_a_workspace_keeps_its_buffer_for_a_call_of_the_same_size():
+    workspace = engine.SinkhornWorkspace()
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(120, 4, generator=generator), torch.randn(10, 4, generator=generator)
+    sinkhorn_assign(features, codebook, workspace=workspace)
+    buffer = workspace.buffer
+    assert buffer.numel() == 120 * 10
+    assert torch.equal(sinkhorn_assign(features, codebook, workspace=workspace), sinkhorn_assign(features, codebook))
+    assert workspace.buffer is buffer  # the same tensor, not a fresh allocation of the same size

@@ -1127,6 +1127,17 @@ def write_report(folder: str, mutants: list[Mutant], seconds: float, previous: d
                      f"| {count['no tests']} | {score:.1f} % |")
     lines += ["", "Survivors (no test fails):", ""]
     lines += [f"- {m.short()}  \n  key: `{m.key}`" for m in mutants if m.status in ("survived", "no tests")]
+    lines += ["", "Every mutant that no test kills, with its verdict (for docs/testing.md):", "",
+              "| file:line | function | mutant | verdict |", "|---|---|---|---|"]
+    for m in sorted(mutants, key=lambda m: (m.file, m.line, m.key)):
+        if m.status in ("survived", "no tests", "equivalent"):
+            verdict = {"survived": "open", "no tests": "open: no test executes the line"}.get(m.status, "")
+            if m.status == "equivalent":
+                verdict = f"equivalent: {m.verdict}"
+            original = " ".join(m.original.split()).replace("|", "\\|")
+            replacement = " ".join(m.replacement.split()).replace("|", "\\|")
+            lines.append(f"| {os.path.basename(m.file)}:{m.line} | `{m.function or 'module'}` | {m.operator}: "
+                         f"`{original[:70]}` -> `{replacement[:70]}` | {verdict} |")
     errors = [m for m in mutants if m.status == "error"]
     if errors:
         lines += ["", "Not judged (the run failed for another reason; `--rerun` runs them again):", ""]
