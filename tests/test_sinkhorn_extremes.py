@@ -124,3 +124,22 @@ def test_a_workspace_keeps_its_buffer_for_a_call_of_the_same_size():
     assert buffer.numel() == 120 * 10
     assert torch.equal(sinkhorn_assign(features, codebook, workspace=workspace), sinkhorn_assign(features, codebook))
     assert workspace.buffer is buffer  # the same tensor, not a fresh allocation of the same size
+
+
+def test_a_process_group_without_torch_distributed_running_assigns_locally():
+    """`process_group="world"` (or a quantizer's sync) in a process where torch.distributed is not initialized: the
+    rows of this process alone, with no collective."""
+    import torch.distributed as dist
+
+    from optvq_hf import OptVQQuantizer
+
+    assert not dist.is_initialized()
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(90, 4, generator=generator), torch.randn(12, 4, generator=generator)
+    for streaming in (False, True):
+        assert torch.equal(sinkhorn_assign(features, codebook, process_group="world", streaming=streaming),
+                           sinkhorn_assign(features, codebook))
+    torch.testing.assert_close(sinkhorn_plan(features, codebook, process_group="world"),
+                               sinkhorn_plan(features, codebook))
+    quantizer = OptVQQuantizer(dim=4, codebook_size=12).train()
+    assert quantizer.sync_group() is None

@@ -13,9 +13,11 @@ multi-process tests (a `sitecustomize` in the copy), and how long each test take
 child of the session that applies it to the imported module in place (the mutated functions' `__code__` replaced;
 module constants, defaults and class attributes re-executed) and runs, in the same process, the tests that execute
 the mutated lines: fast ones first, ordered by their past kills per second, stopping at the first failure. Survivors
-run the slow tier (tests over `--max_test_seconds`, `slow`-marked tests, tests whose subprocesses import the target:
-for those the mutant is also written into the copy, one such child at a time). Mutants whose bytecode equals the
-original's are equivalent without a run; a mutant that cannot be applied in place runs in a fresh interpreter.
+run the slow tier (tests over `--max_test_seconds`, `slow`-marked tests, tests whose subprocesses import the
+target). Every job also writes its mutant into its own copy of src/ (`mutation-work/job<i>/src`), which a
+`sitecustomize` puts first on the path of the child's subprocesses (multi-process tests). Mutants whose bytecode
+equals the original's are equivalent without a run; a mutant that cannot be applied in place runs in a fresh
+interpreter.
 Threads are pinned to 1 per child; `--jobs` children run at a time.
 
     python tools/mutation.py                       # every target, 2 jobs; report in mutation-report/
@@ -524,8 +526,14 @@ class _LineTracer:
 
 
 # Subprocesses of the baseline (multi-process tests) trace themselves: the tree's src/ is on their PYTHONPATH.
-SITECUSTOMIZE = '''"""Written by tools/mutation.py into its copy of the tree: line coverage of the baseline's subprocesses."""
+SITECUSTOMIZE = '''"""Written by tools/mutation.py into its copies of src/: a mutant's subprocesses import it from the copy that
+holds it (MUTATION_SRC), and the baseline's subprocesses record their line coverage (MUTATION_TRACE_DIR)."""
 import os
+
+if os.environ.get("MUTATION_SRC"):
+    import sys
+
+    sys.path.insert(0, os.environ["MUTATION_SRC"])
 
 if os.environ.get("MUTATION_TRACE_DIR"):
     import atexit
@@ -864,13 +872,20 @@ class Driver:
 
     def _loop(self, queue, target, module, pristine, plans, live, durations, stats, started, reported):
         args = self.args
-        disk_file = os.path.join(self.tree, target)
+        # a copy of src/ per job: the subprocesses of a slow-tier or fallback child import the mutant from it (the
+        # tree's sitecustomize puts MUTATION_SRC first on their sys.path)
+        disk_files = []
+        for index in range(args.jobs):
+            job_src = os.path.join(args.workdir, f"job{index}", "src")
+            if not os.path.isdir(job_src):
+                shutil.copytree(os.path.join(self.tree, "src"), job_src)
+            disk_files.append(os.path.join(job_src, os.path.relpath(target, "src")))
         running = {}  # pid -> (mutant, tier, tests, start, timeout, log, result file, on disk)
         free = list(range(args.jobs))
         done = 0
         try:
             self._schedule(queue, running, free, target, module, pristine, plans, live, durations, stats, started,
-                           reported, disk_file, done)
+                           reported, disk_files, done)
         finally:
             for pid in running:  # interrupted: end the children and everything they started
                 try:
@@ -879,9 +894,8 @@ class Driver:
                     pass
 
     def _schedule(self, queue, running, free, target, module, pristine, plans, live, durations, stats, started,
-                  reported, disk_file, done):
+                  reported, disk_files, done):
         args = self.args
-        disk_busy = False
         while queue or running:
             if args.time_limit is not None and time.time() - started > 60 * args.time_limit:
                 for mutant, tier, _, _ in queue:
@@ -889,11 +903,7 @@ class Driver:
                         mutant.status, mutant.verdict = "survived", "fast tier only (time limit)"
                 queue.clear()
             while queue and free:
-                pick = next((i for i, job in enumerate(queue)
-                             if not (disk_busy and self._on_disk(job, plans))), None)
-                if pick is None:
-                    break
-                mutant, tier, fast, slow = job = queue.pop(pick)
+                mutant, tier, fast, slow = job = queue.pop(0)
                 tests = fast if tier == "fast" else slow
                 on_disk = self._on_disk(job, plans)
                 index = free.pop()
@@ -901,14 +911,12 @@ class Driver:
                 result_file = os.path.join(args.workdir, f"mutant{index}.json")
                 if os.path.exists(result_file):
                     os.remove(result_file)
-                if on_disk:
-                    disk_busy = True
-                    with open(disk_file, "wb") as handle:
-                        handle.write(mutated_source(pristine, mutant))
+                with open(disk_files[index], "wb") as handle:
+                    handle.write(mutated_source(pristine, mutant))
                 budget = sum(durations.get(t, 1.0) for t in tests)
                 timeout = max(args.min_timeout, args.timeout_factor * budget + 30.0 * on_disk)
                 body = self._child_body(mutant, tests, module, pristine, plans[mutant.key], live, result_file,
-                                        on_disk)
+                                        disk_files[index][: -len(os.path.relpath(target, "src")) - 1])
                 pid = self._fork(body, log)
                 running[pid] = (index, job, tests, time.time(), timeout, log, result_file, on_disk)
             time.sleep(0.02)
@@ -927,10 +935,8 @@ class Driver:
                     continue
                 del running[pid]
                 free.append(index)
-                if on_disk:
-                    disk_busy = False
-                    with open(disk_file, "wb") as handle:
-                        handle.write(pristine)
+                with open(disk_files[index], "wb") as handle:
+                    handle.write(pristine)
                 mutant.seconds += time.time() - start
                 ran = []
                 if os.path.exists(result_file):
@@ -972,9 +978,10 @@ class Driver:
         mutant, tier, _, _ = job
         return tier == "slow" or plans[mutant.key][0] == "fallback"
 
-    def _child_body(self, mutant, tests, module, pristine, plan, live, result_file, on_disk):
+    def _child_body(self, mutant, tests, module, pristine, plan, live, result_file, job_src):
         def body():
             ran = []
+            os.environ["MUTATION_SRC"] = job_src  # subprocesses import the mutant (see SITECUSTOMIZE)
 
             def record(index, item):
                 ran.append(item.nodeid)
@@ -991,9 +998,8 @@ class Driver:
                     json.dump({"ran": []}, handle)
                 return 2
             if not applied:
-                # a fresh interpreter imports the mutant from the tree (its file holds the mutant now)
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                    [os.path.join(self.tree, "src"), os.path.join(self.tree, "packages")]))
+                # a fresh interpreter imports the mutant from this job's copy of src/
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([job_src, os.path.join(self.tree, "packages")]))
                 with open(result_file, "w") as handle:
                     json.dump({"ran": list(tests)}, handle)
                 command = [sys.executable, "-m", "pytest", "-x"] + PYTEST_ARGS + list(tests)
