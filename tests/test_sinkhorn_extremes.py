@@ -143,3 +143,40 @@ def test_a_process_group_without_torch_distributed_running_assigns_locally():
                                sinkhorn_plan(features, codebook))
     quantizer = OptVQQuantizer(dim=4, codebook_size=12).train()
     assert quantizer.sync_group() is None
+
+
+def test_float32_operands_are_rescaled_by_their_largest_magnitude():
+    """The engine rescales centred float32 operands by a power of two set by their largest |entry|, so squared
+    distances neither overflow (1e25) nor underflow (1e-30): nearest codes against float64 `cdist`, the "all"
+    assignment (scale-free above the 1e-6 of Eq. 12) against the unscaled one, even with exact zeros among the
+    entries; features 1e20 away from unit codes (all distances tie in float32) still give a finite plan."""
+    generator = torch.Generator().manual_seed(1)
+    half = torch.randn(8, 6, generator=generator)
+    half[:, 0] = 0.0
+    codebook = torch.cat([half, -half])  # mean exactly 0: the centred operands keep their exact zeros
+    features = torch.randn(100, 6, generator=generator)
+    features[:, 0] = 0.0
+    unscaled = sinkhorn_assign(features, codebook)
+    for scale in (1e-30, 1e-20, 1e15, 1e25):
+        for offset in (0.0, 3.0):  # features on one side of the codebook
+            rows, codes = (features + offset) * scale, codebook * scale
+            expected = torch.cdist(rows.double(), codes.double()).argmin(1)
+            assert torch.equal(euclidean_argmin(rows, codes), expected), (scale, offset)
+        if scale > 1:
+            assert torch.equal(sinkhorn_assign(features * scale, codebook * scale), unscaled), scale
+    far = features + 1e20
+    plan = sinkhorn_plan(far, codebook)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum(1), torch.ones(len(far)))
+    for streaming in (False, True):
+        ids = sinkhorn_assign(far, codebook, streaming=streaming)
+        assert int(ids.min()) >= 0 and int(ids.max()) < len(codebook)
+
+
+def test_features_equal_to_codes_choose_them_on_the_matmul_path():
+    # |z|^2 - 2 z.c + |c|^2 rounds to tiny negatives where z == c: clamped at 0 before the square root (else NaN)
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 8, generator=generator)
+    features = torch.cat([codebook, torch.randn(50, 8, generator=generator)])
+    assert torch.equal(sinkhorn_assign(features, codebook)[:16], torch.arange(16))
+    assert torch.isfinite(sinkhorn_plan(features, codebook)).all()
