@@ -28,3 +28,19 @@ def test_nearest_codes_far_from_the_origin_are_exact(quantizer_class):
 def test_features_that_are_not_tensors_raise_a_value_error_naming_their_type(features):
     with pytest.raises(ValueError, match=type(features).__name__):
         OptVQQuantizer(dim=8, codebook_size=4)(features)
+
+
+@pytest.mark.parametrize("quantization_loss", ["l2", "l1", "ce"])
+@pytest.mark.parametrize("quantizer_type", ["optvq", "vq", "otvae"])
+def test_an_empty_batch_gives_zero_loss_and_a_zero_codebook_gradient(quantizer_type, quantization_loss):
+    """An empty batch (a rank without rows) has loss 0, and its backward still reaches the codebook with a zero
+    gradient (a gradient that is None on one rank would stall DDP's all-reduce of the others)."""
+    from optvq_hf import get_quantizer_class
+
+    quantizer = get_quantizer_class(quantizer_type)(dim=8, codebook_size=16, num_heads=2,
+                                                    quantization_loss=quantization_loss).train()
+    output = quantizer(torch.zeros(0, 8, 4, 4, requires_grad=True))
+    assert output.loss.item() == 0.0 and output.token_ids.shape == (0, 2, 4, 4)
+    output.loss.backward()
+    for parameter in (quantizer.embedding.weight, quantizer.projection.weight):
+        assert parameter.grad is not None and torch.equal(parameter.grad, torch.zeros_like(parameter))

@@ -180,3 +180,17 @@ def test_features_equal_to_codes_choose_them_on_the_matmul_path():
     features = torch.cat([codebook, torch.randn(50, 8, generator=generator)])
     assert torch.equal(sinkhorn_assign(features, codebook)[:16], torch.arange(16))
     assert torch.isfinite(sinkhorn_plan(features, codebook)).all()
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("rows,codes", [(1, 8), (2, 2), (3, 50)])
+def test_soft_plan_of_a_few_rows_is_the_reference_plan(rows, codes, normalization):
+    generator = torch.Generator().manual_seed(rows * 100 + codes)
+    features, codebook = torch.randn(rows, 3, generator=generator), torch.randn(codes, 3, generator=generator)
+    for num_iters in (0, 1, 3):
+        plan = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization)
+        expected = reference_equipartition_plan(features, codebook, 10.0, num_iters, normalization)
+        torch.testing.assert_close(plan.double(), expected, atol=1e-5, rtol=0)
+        guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
+        expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, num_iters, normalization), 1)
+        torch.testing.assert_close(guarded.double(), expected, atol=1e-5, rtol=0)
