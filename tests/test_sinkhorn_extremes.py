@@ -9,7 +9,12 @@ import torch
 
 import optvq_hf.sinkhorn as engine
 from optvq_hf.sinkhorn import euclidean_argmin, sinkhorn_assign, sinkhorn_plan
-from reference_optvq import reference_cost, reference_equipartition_plan, reference_sinkhorn_log_plan
+from reference_optvq import (
+    assert_near_optimal,
+    reference_cost,
+    reference_equipartition_plan,
+    reference_sinkhorn_log_plan,
+)
 
 
 def _far_codes(rows=300, codes=256, dim=4, far=3, factor=50.0, seed=0):
@@ -183,7 +188,7 @@ def test_features_equal_to_codes_choose_them_on_the_matmul_path():
 
 
 @pytest.mark.parametrize("normalization", ["all", "dim", "none"])
-@pytest.mark.parametrize("rows,codes", [(1, 8), (2, 2), (3, 50)])
+@pytest.mark.parametrize("rows,codes", [(1, 2), (1, 8), (2, 2), (3, 50)])
 def test_soft_plan_of_a_few_rows_is_the_reference_plan(rows, codes, normalization):
     generator = torch.Generator().manual_seed(rows * 100 + codes)
     features, codebook = torch.randn(rows, 3, generator=generator), torch.randn(codes, 3, generator=generator)
@@ -194,3 +199,18 @@ def test_soft_plan_of_a_few_rows_is_the_reference_plan(rows, codes, normalizatio
         guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
         expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, num_iters, normalization), 1)
         torch.testing.assert_close(guarded.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3e-7])
+def test_the_1e6_in_the_all_normalization_is_in_distance_units(scale):
+    # Eq. (12) divides by std(D) + 1e-6 in the distances' own units: at a scale of 1e-6 the 1e-6 is as large as the
+    # spread, and the engine (which works on 2^k-rescaled distances) must add it in the same units.
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(200, 3, generator=generator), torch.randn(24, 3, generator=generator)
+    features, codebook = features * scale, codebook * scale
+    for streaming in (False, True):
+        ids = sinkhorn_assign(features, codebook, streaming=streaming)
+        expected = reference_sinkhorn_log_plan(features, codebook)
+        assert_near_optimal(ids, expected, 1e-3)
+    plan = sinkhorn_plan(features, codebook)
+    torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook), atol=1e-4, rtol=0)
