@@ -856,6 +856,8 @@ class Driver:
                     continue
                 if not fast and self.args.no_slow:
                     continue  # only slow tests reach it: not judged in this run
+                if fast and self.args.slow_tier == "collectives" and not _touches_collectives(pristine, mutant):
+                    slow = []  # the fast tests execute the line and it feeds no collective: they judge it
                 queue.append([mutant, "fast" if fast else "slow", fast, slow])
             counts = defaultdict(int)
             for mutant in mutants:
@@ -1010,6 +1012,15 @@ class Driver:
         return body
 
 
+COLLECTIVE_WORDS = ("group", "_all_reduce", "_reduce_scaled", "reduce_columns", "untrusted(", "sync")
+
+
+def _touches_collectives(source: bytes, mutant: Mutant) -> bool:
+    """Whether a mutated line reads a process group or calls a collective: only multi-process tests judge those."""
+    lines = source.split(b"\n")[mutant.line - 1: mutant.end_line]
+    return any(word.encode() in line for line in lines for word in COLLECTIVE_WORDS)
+
+
 def _killer(log: str) -> str:
     try:
         with open(log, errors="replace") as handle:
@@ -1038,6 +1049,11 @@ def main(argv=None):
     parser.add_argument("--time_limit", type=float, default=None,
                         help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
+    parser.add_argument("--slow_tier", choices=["all", "collectives"], default="collectives",
+                        help="which fast-tier survivors run the slow tier: all, or (default) those whose mutated lines "
+                             "no fast test executes or that touch a collective (process groups, all-reduces)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the mutants that the report's mutants.json already judged (an interrupted run)")
     parser.add_argument("--rerun", action="store_true",
                         help="run only the mutants that survived (or were not judged) in the report's mutants.json")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -1055,6 +1071,9 @@ def main(argv=None):
     if args.sample > 1:
         mutants_by_target = {t: ms[::args.sample] for t, ms in mutants_by_target.items()}
     previous = load_report(args.report)
+    if args.resume:
+        judged = {key for key, m in previous.items() if m["status"] in ("killed", "survived", "no tests", "equivalent")}
+        mutants_by_target = {t: [m for m in ms if m.key not in judged] for t, ms in mutants_by_target.items()}
     if args.rerun:
         again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests", "error")}
         mutants_by_target = {t: [m for m in ms if m.key in again] for t, ms in mutants_by_target.items()}
