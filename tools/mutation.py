@@ -1057,6 +1057,9 @@ def main(argv=None):
     parser.add_argument("--rerun", action="store_true",
                         help="run only the mutants that survived (or were not judged) in the report's mutants.json")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--refresh", action="store_true",
+                        help="rewrite the report's summary without running: survivors now recorded in "
+                             "tools/mutation_equivalent.json become equivalent (with their reason)")
     parser.add_argument("--only", default="", help="run only mutants whose key contains this text")
     args = parser.parse_args(argv)
 
@@ -1077,6 +1080,13 @@ def main(argv=None):
     if args.rerun:
         again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests", "error")}
         mutants_by_target = {t: [m for m in ms if m.key in again] for t, ms in mutants_by_target.items()}
+    if args.refresh:
+        mutants = [Mutant(**m) for m in previous.values()]
+        for mutant in mutants:
+            if mutant.status in ("survived", "no tests") and mutant.key in args.equivalent:
+                mutant.status, mutant.verdict = "equivalent", args.equivalent[mutant.key]
+        print(write_report(args.report, mutants, 0.0))
+        return 0
     if args.list:
         for target, mutants in mutants_by_target.items():
             for mutant in mutants:
