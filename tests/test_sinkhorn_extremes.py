@@ -118,6 +118,9 @@ def test_the_default_dense_limit_is_the_documented_one_gib_cache():
 
     assert inspect.signature(sinkhorn_assign).parameters["dense_limit"].default == 2**28
     assert OptVQQuantizer(dim=4, codebook_size=4).sinkhorn_dense_limit == 2**28
+    workspace = engine.SinkhornWorkspace()  # a small problem under the default: cached in the workspace
+    sinkhorn_assign(torch.randn(50, 4), torch.randn(8, 4), workspace=workspace)
+    assert workspace.buffer.numel() == 50 * 8
 
 
 def test_a_workspace_keeps_its_buffer_for_a_call_of_the_same_size():
@@ -214,3 +217,27 @@ def test_the_1e6_in_the_all_normalization_is_in_distance_units(scale):
         assert_near_optimal(ids, expected, 1e-3)
     plan = sinkhorn_plan(features, codebook)
     torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_float64_inputs_within_float32s_range_work_with_every_normalization(normalization):
+    # Only magnitudes outside float32's range are rescaled (and refused for "dim" / "none", whose scale matters):
+    # float64 inputs of ordinary magnitudes give their float32 values' results, all-zero ones code 0 everywhere.
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 1e3):
+        features = torch.randn(60, 3, generator=generator, dtype=torch.float64) * scale
+        codebook = torch.randn(10, 3, generator=generator, dtype=torch.float64) * scale
+        expected = sinkhorn_assign(features.float(), codebook.float(), normalization=normalization)
+        assert torch.equal(sinkhorn_assign(features, codebook, normalization=normalization), expected)
+        torch.testing.assert_close(sinkhorn_plan(features, codebook, normalization=normalization),
+                                   sinkhorn_plan(features.float(), codebook.float(), normalization=normalization))
+    zeros = torch.zeros(5, 3, dtype=torch.float64)
+    assert torch.equal(sinkhorn_assign(zeros, zeros[:4], normalization=normalization), torch.zeros(5, dtype=torch.long))
+
+
+def test_nearest_code_of_one_row_and_of_one_dimension():
+    codebook = torch.tensor([[0.0], [1.0], [5.0]])
+    rows = torch.tensor([[4.0], [0.9], [-1.0]])
+    assert euclidean_argmin(rows, codebook).tolist() == [2, 1, 0]  # d = 1, three codes
+    for row, expected in zip(rows, [2, 1, 0]):
+        assert euclidean_argmin(row[None], codebook).tolist() == [expected]  # a single row
