@@ -857,7 +857,8 @@ class Driver:
                 if not fast and self.args.no_slow:
                     continue  # only slow tests reach it: not judged in this run
                 if fast and self.args.slow_tier == "collectives" and not _touches_collectives(pristine, mutant):
-                    slow = []  # the fast tests execute the line and it feeds no collective: they judge it
+                    # the fast tests execute the line and it feeds no collective: the multi-process tests are left out
+                    slow = [n for n in slow if n not in needs_disk]
                 queue.append([mutant, "fast" if fast else "slow", fast, slow])
             counts = defaultdict(int)
             for mutant in mutants:
@@ -1050,8 +1051,9 @@ def main(argv=None):
                         help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
     parser.add_argument("--slow_tier", choices=["all", "collectives"], default="collectives",
-                        help="which fast-tier survivors run the slow tier: all, or (default) those whose mutated lines "
-                             "no fast test executes or that touch a collective (process groups, all-reduces)")
+                        help="which slow tests a fast-tier survivor runs: all, or (default) the multi-process ones only "
+                             "where no fast test executes the mutated line or it touches a collective (process groups, "
+                             "all-reduces); the long single-process tests always")
     parser.add_argument("--resume", action="store_true",
                         help="skip the mutants that the report's mutants.json already judged (an interrupted run)")
     parser.add_argument("--rerun", action="store_true",
