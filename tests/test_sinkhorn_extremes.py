@@ -53,6 +53,7 @@ def test_soft_plan_with_codes_beyond_float32_reach_is_the_exact_equipartition_pl
         ("_CODE_SPREAD", [0.0, 30.0]),  # how far code potentials drift before the kernel is rebuilt
         ("_DIRECT_MAX_DIM", [0, 100]),  # distances by coordinate differences or by one matmul
         ("_FLOAT32_LOG_MAX", [0.0, 40.0]),  # where in float32's range the cached kernel's rows peak
+        ("_CHUNK_ENTRIES+_PASSIVE_BLOCK_ENTRIES", [(5000, 1000)]),  # streamed chunks of several blocks each
     ],
 )
 def test_speed_knobs_change_no_result(monkeypatch, knob, values):
@@ -82,7 +83,8 @@ def test_speed_knobs_change_no_result(monkeypatch, knob, values):
 
     default = run()
     for value in values:
-        monkeypatch.setattr(engine, knob, value)
+        for name, setting in zip(knob.split("+"), value if "+" in knob else [value]):
+            monkeypatch.setattr(engine, name, setting)
         for expected, got in zip(default, run()):
             if expected.dtype == torch.long:
                 assert torch.equal(got, expected), (knob, value)
