@@ -243,3 +243,16 @@ def test_nearest_code_of_one_row_and_of_one_dimension():
     assert euclidean_argmin(rows, codebook).tolist() == [2, 1, 0]  # d = 1, three codes
     for row, expected in zip(rows, [2, 1, 0]):
         assert euclidean_argmin(row[None], codebook).tolist() == [expected]  # a single row
+
+
+def test_auto_caches_up_to_the_dense_limit_and_streams_above_it():
+    # streaming="auto" caches when N * K <= dense_limit (the cache lives in the workspace) and streams above it (the
+    # workspace stays untouched); both give the same ids.
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(200, 4, generator=generator), torch.randn(50, 4, generator=generator)
+    expected = sinkhorn_assign(features, codebook, streaming=False)
+    for dense_limit, cached in ((200 * 50, True), (200 * 50 - 1, False), (100, False), (10**9, True)):
+        workspace = engine.SinkhornWorkspace()
+        ids = sinkhorn_assign(features, codebook, dense_limit=dense_limit, workspace=workspace)
+        assert torch.equal(ids, expected)
+        assert (workspace.buffer is not None) == cached, dense_limit
