@@ -243,6 +243,12 @@ def test_nearest_code_of_one_row_and_of_one_dimension():
     assert euclidean_argmin(rows, codebook).tolist() == [2, 1, 0]  # d = 1, three codes
     for row, expected in zip(rows, [2, 1, 0]):
         assert euclidean_argmin(row[None], codebook).tolist() == [expected]  # a single row
+    # the Sinkhorn assignment of one-dimensional features (d = 1 is not "one code")
+    features = torch.linspace(-2.0, 7.0, 40)[:, None]
+    for normalization in ("all", "dim", "none"):
+        expected = reference_sinkhorn_log_plan(features, codebook, normalization=normalization).argmax(1)
+        assert torch.equal(sinkhorn_assign(features, codebook, normalization=normalization), expected)
+        assert expected.unique().numel() == 3
 
 
 def test_auto_caches_up_to_the_dense_limit_and_streams_above_it():
