@@ -44,3 +44,17 @@ def test_an_empty_batch_gives_zero_loss_and_a_zero_codebook_gradient(quantizer_t
     output.loss.backward()
     for parameter in (quantizer.embedding.weight, quantizer.projection.weight):
         assert parameter.grad is not None and torch.equal(parameter.grad, torch.zeros_like(parameter))
+
+
+def test_a_vector_quantizer_uses_the_documented_loss_weights_by_default():
+    # CodebookQuantizer's own defaults (VectorQuantizer has no constructor of its own): commitment 1.0, beta 0.25,
+    # l2 loss: loss = (1.0 + 0.25) * mean((z - c)^2) in value.
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(dim=4, codebook_size=8)
+    assert (quantizer.commitment_weight, quantizer.beta, quantizer.num_heads) == (1.0, 0.25, 1)
+    assert quantizer.sync_across_ranks and quantizer.projection is not None and quantizer.quantization_loss == "l2"
+    features = torch.randn(2, 4, 3, 3)
+    output = quantizer(features)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    codes = quantizer.codebook.detach().double()[output.token_ids.reshape(-1)]
+    torch.testing.assert_close(output.loss.double(), 1.25 * ((rows - codes) ** 2).mean(), atol=1e-6, rtol=1e-5)
