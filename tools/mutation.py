@@ -843,7 +843,7 @@ class Driver:
                     mutant.status, mutant.verdict = "equivalent", "the same bytecode as the original"
                     continue
                 lines = set(range(mutant.line, mutant.end_line + 1))
-                if mutant.function is None:
+                if mutant.function is None or plan[0] == "statement":  # module / class level, or a default value
                     lines = statement_lines(pristine, mutant)
                     if lines is None:
                         lines = set(in_process) | set(in_subprocess)
