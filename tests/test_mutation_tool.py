@@ -57,3 +57,73 @@ def test_reports_of_separate_runs_add_up(tool, tmp_path):
     merged = {m["key"]: m["status"] for m in json.loads((tmp_path / "mutants.json").read_text())}
     assert merged == {first.key: "killed", second.key: "survived"}
     assert "| `src/optvq_hf/autoencoder.py` | 2 | 1 | 1 | 0 | 0 | 50.0 % |" in summary
+
+
+SOURCE = b'''SCALE = 3
+DOUBLE = SCALE * 2
+
+
+def scaled(x, offset=1):
+    def inner(y):
+        return y * SCALE
+    return inner(x) + offset
+
+
+class Box:
+    size = 4
+
+    def area(self):
+        return self.size * self.size
+'''
+
+
+def _mutant(tool, old: bytes, new: str, function, occurrence=1):
+    start = -1
+    for _ in range(occurrence):
+        start = SOURCE.index(old, start + 1)
+    line = SOURCE[:start].count(b"\n") + 1
+    return tool.Mutant("x.py", line, function, "test", old.decode(), new, start, start + len(old), line)
+
+
+def test_mutants_are_applied_in_a_running_process_without_reimporting(tool, tmp_path):
+    """The fork model: a child patches the imported module (functions' code, constants, defaults, class attributes)
+    instead of importing the project again; mutants with the original's bytecode are equivalent without a run."""
+    import importlib.util
+
+    path = tmp_path / "mutation_target_module.py"
+    path.write_bytes(SOURCE)
+    filename = str(path)
+
+    def fresh():
+        spec = importlib.util.spec_from_file_location("mutation_target_module", filename)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    cases = [  # (mutant, plan kind, check on the patched module)
+        (_mutant(tool, b"y * SCALE", "(y) / (SCALE)", "scaled.<locals>.inner"), "code",
+         lambda m, f: f(6) == 3.0),  # nested function: its parent's code is replaced
+        (_mutant(tool, b"self.size * self.size", "(self.size) + (self.size)", "Box.area"), "code",
+         lambda m, f: m.Box().area() == 8),
+        (_mutant(tool, b"3", "4", None), "statement", lambda m, f: m.SCALE == 4 and m.DOUBLE == 8 and f(1) == 5),
+        (_mutant(tool, b"offset=1", "offset=2", None), "statement", lambda m, f: f(1) == 5),
+        (_mutant(tool, b"4", "5", None), "statement", lambda m, f: m.Box().area() == 25),
+        (_mutant(tool, b"SCALE * 2", "(SCALE) * (2)", None), "equivalent", None),
+    ]
+    for mutant, kind, check in cases:
+        plan = tool.patch_plan(SOURCE, mutant, filename)
+        assert plan[0] == kind, (mutant.replacement, plan)
+        if check is None:
+            continue
+        module = fresh()
+        scaled = module.scaled  # a reference taken before the patch (as `from module import scaled` in a test)
+        assert scaled(1) == 4 and module.Box().area() == 16
+        assert tool.apply_mutant(module, SOURCE, mutant, plan, tool.live_functions(module))
+        assert check(module, scaled), mutant.replacement
+
+
+def test_a_statement_mutant_selects_the_tests_of_the_lines_that_use_its_names(tool):
+    lines = tool.statement_lines(SOURCE, _mutant(tool, b"3", "4", None))
+    # SCALE is used by DOUBLE (line 2, at import only) and by inner (line 7)
+    assert lines == {7}
+    assert tool.statement_lines(SOURCE, _mutant(tool, b"offset=1", "offset=2", None)) == {6, 7, 8}

@@ -254,6 +254,7 @@ def test_row_extremes_are_torchs_first_extremes(largest):
     special[2, 2:4] = -float("inf")
     special[3] = float("inf")
     blocks += [special, torch.rand(40, 30, generator=generator).t(), torch.rand(50, 20, generator=generator).double()]
+    blocks.append(torch.rand(30, 20, generator=generator).requires_grad_())  # numpy cannot take it: torch's kernel
     for block in blocks:
         out = torch.empty(block.shape[0], dtype=torch.long)
         expected = torch.argmax(block, dim=1) if largest else torch.argmin(block, dim=1)

@@ -6,11 +6,19 @@ reports which mutants no test notices. A mutant is *killed* when a test fails (o
 and *survives* when every test passes; survivors of the fast tier are run again against the slow tier (real
 multi-process tests) where a target lists one.
 
-How it runs: this process imports torch and the other heavy libraries once and never the project; each mutant runs
-in a forked child that imports the project from a private copy of the tree (`mutation-work/w<i>/`) in which the
-target file holds the mutant, and calls `pytest.main` on the selected tests (fastest first, stop at the first
-failure). Which tests exercise which function comes from one traced baseline run per target (the unmutated tests
-must pass). Threads are pinned to 1 per child; `--jobs` children run at a time.
+How it runs: one pytest session (in this process) imports the project from a private copy of the tree
+(`mutation-work/tree/`) and collects the tests once. A baseline run (in a forked child; cached while the sources and
+tests do not change) records which lines of the targets each test executes, also in the subprocesses of the
+multi-process tests (a `sitecustomize` in the copy), and how long each test takes. Each mutant then runs in a forked
+child of the session that applies it to the imported module in place (the mutated functions' `__code__` replaced;
+module constants, defaults and class attributes re-executed) and runs, in the same process, the tests that execute
+the mutated lines: fast ones first, ordered by their past kills per second, stopping at the first failure. Survivors
+run the slow tier (tests over `--max_test_seconds`, `slow`-marked tests, tests whose subprocesses import the
+target). Every job also writes its mutant into its own copy of src/ (`mutation-work/job<i>/src`), which a
+`sitecustomize` puts first on the path of the child's subprocesses (multi-process tests). Mutants whose bytecode
+equals the original's are equivalent without a run; a mutant that cannot be applied in place runs in a fresh
+interpreter.
+Threads are pinned to 1 per child; `--jobs` children run at a time.
 
     python tools/mutation.py                       # every target, 2 jobs; report in mutation-report/
     python tools/mutation.py --targets sinkhorn    # targets whose path contains "sinkhorn"
@@ -24,13 +32,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import hashlib
+import inspect
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
+import types
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -39,18 +53,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EQUIVALENT_FILE = os.path.join(ROOT, "tools", "mutation_equivalent.json")
 
-# Fast tests run per mutant (the traced subset that calls the mutated function); slow tests only for the mutants
-# that survive the fast ones.
-FAST_ARGS = ["-m", "not slow", "-k", "not compile"]
 TARGETS = {
     "src/optvq_hf/sinkhorn.py": dict(
-        fast=["tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_otvae.py",
-              "tests/test_quantizer.py"],
+        fast=["tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
+              "tests/test_otvae.py", "tests/test_quantizer.py", "tests/test_quantizer_edges.py",
+              "tests/test_reliability.py"],
         slow=["tests/test_sinkhorn_distributed.py"],
     ),
     "src/optvq_hf/quantization.py": dict(
-        fast=["tests/test_quantizer.py", "tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py",
-              "tests/test_otvae.py", "tests/test_core.py", "tests/test_modeling.py", "tests/test_training.py"],
+        fast=["tests/test_quantizer.py", "tests/test_quantizer_edges.py", "tests/test_quantization_loss.py",
+              "tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
+              "tests/test_otvae.py", "tests/test_core.py", "tests/test_modeling.py", "tests/test_training.py",
+              "tests/test_reliability.py"],
         slow=["tests/test_sinkhorn_distributed.py"],
     ),
     "src/optvq_hf/autoencoder.py": dict(
@@ -67,12 +81,6 @@ COPY = ["src", "tests", "examples", "docs", "README.md", "pyproject.toml"]
 # Packages that the editable install maps to a folder other than src/ (pyproject's package-dir): a child imports them
 # from its own copy through symlinks in `<workdir>/packages`, which comes before the install's finder on sys.path.
 MAPPED_PACKAGES = {"optvq_hf_examples": "examples"}
-# Heavy libraries imported once by this process (never the project), so that each forked child starts fast.
-PRELOAD = ["numpy", "torch", "torch.distributed", "torch.nn.functional", "transformers", "transformers.modeling_utils",
-           "transformers.configuration_utils", "transformers.image_processing_utils", "transformers.processing_utils",
-           "huggingface_hub", "safetensors.torch", "PIL.Image", "datasets", "accelerate", "diffusers", "evaluate",
-           "scipy", "skimage.metrics", "hypothesis", "pytest"]
-
 # ------------------------------------------------------------------------------------------------------------------
 # Mutants
 # ------------------------------------------------------------------------------------------------------------------
@@ -103,6 +111,7 @@ class Mutant:
     replacement: str
     start: int  # byte offsets of the replaced segment
     stop: int
+    end_line: int = 0  # last line of the replaced segment
     key: str = ""  # stable across unrelated edits: file, function, operator, texts, occurrence
     status: str = "pending"
     killer: str = ""
@@ -152,7 +161,7 @@ class _Collector(ast.NodeVisitor):
         if original == replacement:
             return
         self.mutants.append(Mutant(self.path, target.lineno, self.qualname(), operator, original, replacement, start,
-                                   stop))
+                                   stop, target.end_lineno))
 
     # ---- scopes and what is never mutated ------------------------------------------------------------------
     def visit_FunctionDef(self, node):
@@ -323,8 +332,241 @@ def generate(path: str) -> list[Mutant]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Running tests in forked children
+# Applying a mutant inside a running process
 # ------------------------------------------------------------------------------------------------------------------
+def _code_key(code, shallow=False):
+    """What a code object computes, without its positions (line numbers, columns): equal keys, equal behaviour."""
+    consts = []
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            consts.append(("code", const.co_qualname) if shallow else _code_key(const))
+        else:
+            consts.append((type(const).__name__, repr(const)))
+    return (code.co_qualname, code.co_code, tuple(consts), code.co_names, code.co_varnames, code.co_freevars,
+            code.co_cellvars, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
+            code.co_exceptiontable)
+
+
+def _code_units(module_code):
+    """``{(qualname, occurrence): code}`` of the functions and methods a module defines (not nested ones, which live
+    in their parent's constants), and ``{(qualname, occurrence): code}`` of its other code (module, class bodies)."""
+    units, others, seen = {}, {}, defaultdict(int)
+
+    def walk(code):
+        name = code.co_qualname
+        key = (name, seen[name])
+        seen[name] += 1
+        if code.co_flags & inspect.CO_OPTIMIZED:  # a function
+            if "<locals>" not in name:
+                units[key] = code
+            return  # nested code is part of this function's key
+        others[key] = code
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                walk(const)
+
+    walk(module_code)
+    return units, others
+
+
+def mutated_source(pristine: bytes, mutant: Mutant) -> bytes:
+    return pristine[: mutant.start] + mutant.replacement.encode() + pristine[mutant.stop:]
+
+
+def patch_plan(pristine: bytes, mutant: Mutant, filename: str) -> tuple[str, list]:
+    """How a mutant is applied in a process that imported the pristine module: ``("equivalent", [])`` (the same
+    bytecode), ``("code", changed function keys)`` (their ``__code__`` replaced), ``("statement", [])`` (a module or
+    class level statement re-executed) or ``("fallback", [])`` (a fresh interpreter with the file on disk)."""
+    old_units, old_others = _code_units(compile(pristine, filename, "exec", dont_inherit=True))
+    new_units, new_others = _code_units(compile(mutated_source(pristine, mutant), filename, "exec", dont_inherit=True))
+    if set(old_units) != set(new_units) or set(old_others) != set(new_others):
+        return "fallback", []
+    changed = [key for key in new_units if _code_key(new_units[key]) != _code_key(old_units[key])]
+    outer = [key for key in new_others if _code_key(new_others[key], True) != _code_key(old_others[key], True)]
+    if not changed and not outer:
+        return "equivalent", []
+    if changed and not outer:
+        return "code", changed
+    if outer and not changed:
+        return "statement", []
+    return "fallback", []
+
+
+def live_functions(module) -> dict:
+    """``{(qualname, occurrence): [function objects]}`` of the functions of `module`'s file alive in this process."""
+    import gc
+
+    filename = module.__file__
+    found = defaultdict(list)
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType) and obj.__code__.co_filename == filename:
+            found[obj.__code__.co_qualname, obj.__code__.co_firstlineno].append(obj)
+    by_key, seen = {}, defaultdict(int)
+    for (name, line), functions in sorted(found.items(), key=lambda item: item[0][1]):
+        if "<locals>" in name:
+            continue
+        by_key[(name, seen[name])] = functions
+        seen[name] += 1
+    return by_key
+
+
+def apply_mutant(module, pristine: bytes, mutant: Mutant, plan: tuple[str, list], live: dict) -> bool:
+    """Make the imported `module` behave as the mutant (in a forked child); False if this cannot be done here."""
+    kind, changed = plan
+    filename = module.__file__
+    source = mutated_source(pristine, mutant)
+    if kind == "code":
+        new_units, _ = _code_units(compile(source, filename, "exec", dont_inherit=True))
+        for key in changed:
+            key = tuple(key)
+            if not live.get(key):
+                return False
+            for function in live[key]:
+                function.__code__ = new_units[key]
+        return True
+    if kind != "statement":
+        return False
+    tree = ast.parse(source)
+    line = mutant.line
+    column = mutant.start - (len(b"\n".join(pristine.split(b"\n")[: line - 1])) + (1 if line > 1 else 0))
+
+    def contains(node):
+        start, end = (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset)
+        return start <= (line, column) < end
+
+    namespace = dict(vars(module))
+    for statement in tree.body:
+        if not contains(statement):
+            continue
+        owner = module
+        if isinstance(statement, ast.ClassDef):
+            owner = getattr(module, statement.name)
+            namespace.update(vars(owner))
+            inner = [s for s in statement.body if contains(s)]
+            if not inner:
+                return False
+            statement = inner[0]
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):  # a default value
+            return _set_defaults(module, statement, None if owner is module else owner, namespace, live, filename)
+        if not isinstance(statement, (ast.Assign, ast.AnnAssign)):
+            return False
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        names = {t.id for t in targets if isinstance(t, ast.Name)}
+        if len(names) != len(targets):
+            return False
+        exec(compile(ast.Module([statement], []), filename, "exec"), namespace)
+        if owner is not module:
+            for name in names:
+                setattr(owner, name, namespace[name])
+            return True
+        # module constants computed from the changed ones follow them, and so do defaults that read them
+        for later in tree.body[tree.body.index(statement) + 1:]:
+            if isinstance(later, ast.Assign) and all(isinstance(t, ast.Name) for t in later.targets) and any(
+                isinstance(n, ast.Name) and n.id in names for n in ast.walk(later.value)
+            ):
+                exec(compile(ast.Module([later], []), filename, "exec"), namespace)
+                names |= {t.id for t in later.targets}
+        for name in names:
+            setattr(module, name, namespace[name])
+        for cls, function in _defaults_using(tree, names):
+            if not _set_defaults(module, function, cls, namespace, live, filename):
+                return False
+        return True
+    return False
+
+
+def _set_defaults(module, function, owner, namespace, live, filename) -> bool:
+    """Evaluate the default values of the `function` node (of class `owner`, or None) and give them to the live
+    function objects."""
+    namespace = dict(namespace)
+    if owner is not None:
+        owner = getattr(module, owner.name) if isinstance(owner, ast.ClassDef) else owner
+        namespace.update(vars(owner))
+    bare = copy.copy(function)
+    bare.decorator_list, bare.body = [], [ast.Pass()]
+    exec(compile(ast.fix_missing_locations(ast.Module([bare], [])), filename, "exec"), namespace)
+    fresh = namespace[function.name]
+    qualname = function.name if owner is None else f"{owner.__name__}.{function.name}"
+    targets = [f for key, fs in live.items() if key[0] == qualname for f in fs]
+    for target in targets:
+        target.__defaults__, target.__kwdefaults__ = fresh.__defaults__, fresh.__kwdefaults__
+    return bool(targets)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Which tests cover which lines
+# ------------------------------------------------------------------------------------------------------------------
+class _LineTracer:
+    """Lines of the target files executed (sys.settrace, every thread) while it is on."""
+
+    def __init__(self, filenames):
+        self.filenames = set(filenames)
+        self.lines = set()
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.lines.add((frame.f_code.co_filename, frame.f_lineno))
+        return self._local
+
+    def _global(self, frame, event, arg):
+        if frame.f_code.co_filename in self.filenames:
+            self.lines.add((frame.f_code.co_filename, frame.f_lineno))
+            return self._local
+        return None
+
+    def start(self):
+        self.lines = set()
+        threading.settrace(self._global)
+        sys.settrace(self._global)
+
+    def stop(self):
+        sys.settrace(None)
+        threading.settrace(None)
+        return self.lines
+
+
+# Subprocesses of the baseline (multi-process tests) trace themselves: the tree's src/ is on their PYTHONPATH.
+SITECUSTOMIZE = '''"""Written by tools/mutation.py into its copies of src/: a mutant's subprocesses import it from the copy that
+holds it (MUTATION_SRC), and the baseline's subprocesses record their line coverage (MUTATION_TRACE_DIR)."""
+import os
+
+if os.environ.get("MUTATION_SRC"):
+    import sys
+
+    sys.path.insert(0, os.environ["MUTATION_SRC"])
+
+if os.environ.get("MUTATION_TRACE_DIR"):
+    import atexit
+    import json
+    import sys
+    import threading
+
+    _files = set(os.environ["MUTATION_TRACE_FILES"].split(os.pathsep))
+    _lines = set()
+
+    def _local(frame, event, arg):
+        if event == "line":
+            _lines.add((frame.f_code.co_filename, frame.f_lineno))
+        return _local
+
+    def _global(frame, event, arg):
+        if frame.f_code.co_filename in _files:
+            _lines.add((frame.f_code.co_filename, frame.f_lineno))
+            return _local
+        return None
+
+    def _dump():
+        if _lines:
+            name = "%s-%d.json" % (os.environ.get("MUTATION_TRACE_TEST", "x"), os.getpid())
+            with open(os.path.join(os.environ["MUTATION_TRACE_DIR"], name), "w") as handle:
+                json.dump(sorted(_lines), handle)
+
+    sys.settrace(_global)
+    threading.settrace(_global)
+    atexit.register(_dump)
+'''
+
+
 def prepare_workdir(folder: str):
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
@@ -338,93 +580,446 @@ def prepare_workdir(folder: str):
     os.makedirs(os.path.join(folder, "packages"))
     for package, path in MAPPED_PACKAGES.items():
         os.symlink(os.path.join(folder, path), os.path.join(folder, "packages", package))
+    with open(os.path.join(folder, "src", "sitecustomize.py"), "w") as handle:
+        handle.write(SITECUSTOMIZE)
 
 
-class _Tracer:
-    """pytest plugin of the baseline run: which functions of the target file each test calls, and its duration."""
+def tree_digest(targets) -> str:
+    """What a baseline depends on: the tree's sources and tests, and the collected test files."""
+    digest = hashlib.sha256(json.dumps([sorted(targets), PYTEST_ARGS]).encode())
+    for top in ("src", "tests", "examples"):
+        for folder, dirs, files in sorted(os.walk(os.path.join(ROOT, top))):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith((".py", ".json", ".md", ".toml")):
+                    path = os.path.join(folder, name)
+                    digest.update(os.path.relpath(path, ROOT).encode())
+                    with open(path, "rb") as handle:
+                        digest.update(handle.read())
+    return digest.hexdigest()
 
-    def __init__(self, filename: str):
-        self.filename = filename
-        self.current = None
-        self.calls = defaultdict(set)
-        self.durations = {}
-        self.failed = []
 
-    def profile(self, frame, event, arg):
-        if event == "call" and self.current is not None and frame.f_code.co_filename == self.filename:
-            self.calls[self.current].add(frame.f_code.co_qualname)
+PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addopts=", "--hypothesis-seed=0",
+               "-W", "ignore", "--no-header", "-rfE", "--capture=sys"]
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(self, item, nextitem):
-        import threading
 
-        self.current = item.nodeid
-        sys.setprofile(self.profile)
-        threading.setprofile(self.profile)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sys.setprofile(None)
-            threading.setprofile(None)
-            self.durations[item.nodeid] = time.perf_counter() - start
-            self.current = None
+def _defaults_using(tree, names):
+    """The functions (with their class, or None) whose default values read one of `names`."""
+    found = []
+    for statement in tree.body:
+        members = [(None, statement)]
+        if isinstance(statement, ast.ClassDef):
+            members = [(statement, s) for s in statement.body]
+        for owner, node in members:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defaults = node.args.defaults + [d for d in node.args.kw_defaults if d is not None]
+                if any(isinstance(n, ast.Name) and n.id in names for d in defaults for n in ast.walk(d)):
+                    found.append((owner, node))
+    return found
+
+
+def _assigned_names(tree, statement) -> set[str]:
+    """The names a module or class level assignment binds, and the module constants computed from them."""
+    targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+    names = {t.id for t in targets if isinstance(t, ast.Name)}
+    for later in tree.body:
+        if isinstance(later, ast.Assign) and later.lineno > statement.lineno and any(
+            isinstance(n, ast.Name) and n.id in names for n in ast.walk(later.value)
+        ):
+            names |= {t.id for t in later.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def statement_lines(source: bytes, mutant: Mutant) -> set[int] | None:
+    """For a module or class level mutant: the lines whose execution it can change (the uses of the names the
+    statement assigns, the bodies of the functions whose defaults read them, or the body of the function whose
+    default it changes); None: any line. Lines that run at import time only are left out."""
+    tree = ast.parse(source)
+    for statement in tree.body:
+        if not (statement.lineno <= mutant.line <= statement.end_lineno):
+            continue
+        if isinstance(statement, ast.ClassDef):
+            inner = [s for s in statement.body if s.lineno <= mutant.line <= s.end_lineno]
+            if not inner:
+                return None
+            statement = inner[0]
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return set(range(statement.body[0].lineno, statement.end_lineno + 1))
+        if not isinstance(statement, (ast.Assign, ast.AnnAssign)):
+            return None
+        names = _assigned_names(tree, statement)
+        lines = set()
+        for _, function in _defaults_using(tree, names):
+            lines |= set(range(function.body[0].lineno, function.end_lineno + 1))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Name) and node.id in names) or (
+                isinstance(node, ast.Attribute) and node.attr in names
+            ):
+                lines.add(node.lineno)
+        import_time = set()
+        for top in tree.body:
+            bodies = top.body if isinstance(top, ast.ClassDef) else [top]
+            for node in bodies:
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    import_time |= set(range(node.lineno, node.end_lineno + 1))
+        return lines - import_time
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run: one pytest session collects every test once; each mutant runs in a forked child of it
+# ------------------------------------------------------------------------------------------------------------------
+class Driver:
+    """pytest plugin that replaces the test loop by the mutation loop (see the module docstring)."""
+
+    def __init__(self, args, targets, mutants_by_target, tree, previous):
+        self.args, self.targets, self.mutants_by_target = args, targets, mutants_by_target
+        self.tree, self.previous = tree, previous
+        self.items = {}
+        self.failed = []  # nodeids failed in this process (a child's run)
+
+    def pytest_collection_modifyitems(self, session, config, items):
+        items[:] = [item for item in items if "compile" not in item.nodeid]  # torch.compile: too slow per mutant
 
     def pytest_runtest_logreport(self, report):
         if report.failed:
             self.failed.append(report.nodeid)
 
+    # ---- running tests in a child -------------------------------------------------------------------------------
+    def _run_items(self, nodeids, before=None, after=None):
+        self.failed = []
+        items = [self.items[n] for n in nodeids]
+        for index, item in enumerate(items):
+            if before:
+                before(index, item)
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=items[index + 1] if index + 1 < len(items) else None)
+            if after:
+                after(index, item)
+            if self.failed:
+                return self.failed[0]
+        return None
 
-def _child(workdir: str, args: list[str], log: str, plugin=None, result_file: str | None = None):
-    """Body of a forked child: run pytest in `workdir` against its copy of the project; never returns."""
-    code = 3
-    try:
-        os.setpgrp()  # its own process group, so that a timeout ends everything it started
-        os.chdir(workdir)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sources = [os.path.join(workdir, "src"), os.path.join(workdir, "packages")]
-        original = os.path.realpath(os.path.join(ROOT, "src"))
-        sys.path[:] = sources + [p for p in sys.path if p and os.path.realpath(p) != original]
-        os.environ["PYTHONPATH"] = os.pathsep.join(sources)  # subprocesses of multi-process tests import the mutant too
-        sys.dont_write_bytecode = True
-        import pytest
+    def _fork(self, body, log):
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 3
+        try:
+            os.setpgrp()  # its own process group, so that a timeout ends everything it started
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = body()
+        except BaseException:  # noqa: BLE001 - report anything as a failed run
+            import traceback
 
-        code = int(pytest.main(args, plugins=[plugin] if plugin else []))
-        if result_file and plugin is not None:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    # ---- the baseline -------------------------------------------------------------------------------------------
+    def baseline(self, session):
+        files = [os.path.join(self.tree, t) for t in self.targets]
+        digest = tree_digest(self.targets)
+        cache = os.path.join(self.args.report, "baseline.json")
+        if os.path.exists(cache):
+            with open(cache) as handle:
+                cached = json.load(handle)
+            if cached.get("digest") == digest and set(cached["items"]) == set(self.items):
+                print("baseline: cached (the tree did not change)", flush=True)
+                return cached
+        trace_dir = os.path.join(self.args.workdir, "trace")
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        os.makedirs(trace_dir)
+        result_file = os.path.join(self.args.workdir, "baseline-result.json")
+        nodeids = list(self.items)
+
+        def body():
+            tracer = _LineTracer(files)
+            lines, durations, started = {}, {}, {}
+            os.environ.update(MUTATION_TRACE_DIR=trace_dir, MUTATION_TRACE_FILES=os.pathsep.join(files))
+
+            def before(index, item):
+                os.environ["MUTATION_TRACE_TEST"] = str(index)
+                started[index] = time.perf_counter()
+                tracer.start()
+
+            def after(index, item):
+                covered = tracer.stop()
+                durations[item.nodeid] = time.perf_counter() - started[index]
+                lines[item.nodeid] = {f: sorted(l for g, l in covered if g == f) for f in files}
+
+            failed, self.failed = [], []
+            items = [self.items[n] for n in nodeids]
+            for index, item in enumerate(items):
+                before(index, item)
+                item.ihook.pytest_runtest_protocol(item=item, nextitem=items[index + 1] if index + 1 < len(items) else None)
+                after(index, item)
+            failed = list(self.failed)
             with open(result_file, "w") as handle:
-                json.dump({"calls": {k: sorted(v) for k, v in plugin.calls.items()}, "durations": plugin.durations,
-                           "failed": plugin.failed, "exit": code}, handle)
-    except BaseException:  # noqa: BLE001 - report anything as a failed run
-        import traceback
+                json.dump({"lines": lines, "durations": durations, "failed": failed}, handle)
+            return 0
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        t0 = time.time()
+        pid = self._fork(body, os.path.join(self.args.report, "baseline.log"))
+        os.waitpid(pid, 0)
+        if not os.path.exists(result_file):
+            raise SystemExit(f"the baseline did not run: see {self.args.report}/baseline.log")
+        with open(result_file) as handle:
+            result = json.load(handle)
+        if result["failed"]:
+            raise SystemExit(f"the baseline fails ({result['failed'][:5]}): fix the tests first; see "
+                             f"{self.args.report}/baseline.log")
+        subprocess_lines = defaultdict(lambda: defaultdict(set))
+        for name in os.listdir(trace_dir):
+            index = int(name.split("-")[0])
+            with open(os.path.join(trace_dir, name)) as handle:
+                for filename, line in json.load(handle):
+                    subprocess_lines[nodeids[index]][filename].add(line)
+        # a module-scoped fixture launches the processes once, for the first test of its file: every test of that
+        # file checks a part of their results
+        for nodeid in list(subprocess_lines):
+            module_file = nodeid.split("::")[0]
+            for other in nodeids:
+                if other.split("::")[0] == module_file and other != nodeid:
+                    for filename, lines in subprocess_lines[nodeid].items():
+                        subprocess_lines[other][filename] |= lines
+        result["subprocess_lines"] = {n: {f: sorted(l) for f, l in fs.items()} for n, fs in subprocess_lines.items()}
+        result["digest"], result["items"], result["seconds"] = digest, nodeids, time.time() - t0
+        with open(cache, "w") as handle:
+            json.dump(result, handle)
+        print(f"baseline: {len(nodeids)} tests in {result['seconds']:.0f} s", flush=True)
+        return result
+
+    # ---- the mutation loop --------------------------------------------------------------------------------------
+    def pytest_runtestloop(self, session):
+        self.items = {item.nodeid: item for item in session.items}
+        base = self.baseline(session)
+        durations = base["durations"]
+        slow_marked = {n for n, item in self.items.items() if item.get_closest_marker("slow")}
+        stats_file = os.path.join(self.args.report, "test_stats.json")
+        stats = {}
+        if os.path.exists(stats_file):
+            with open(stats_file) as handle:
+                stats = json.load(handle)
+
+        def priority(nodeid):  # expected kills per second, from earlier runs
+            kills, runs = stats.get(nodeid, (0, 0))
+            return -((kills + 1.0) / (runs + 2.0)) / max(durations.get(nodeid, 1.0), 0.02)
+
+        started = time.time()
+        all_mutants = []
+        for target in self.targets:
+            filename = os.path.join(self.tree, target)
+            module = next(m for m in list(sys.modules.values())
+                          if getattr(m, "__file__", None) and os.path.realpath(m.__file__) == os.path.realpath(filename))
+            with open(filename, "rb") as handle:
+                pristine = handle.read()
+            live = live_functions(module)
+            in_process = defaultdict(set)  # line -> tests that execute it in this process
+            in_subprocess = defaultdict(set)
+            for nodeid, files in base["lines"].items():
+                for line in files.get(filename, []):
+                    in_process[line].add(nodeid)
+            for nodeid, files in base["subprocess_lines"].items():
+                for line in files.get(filename, []):
+                    in_subprocess[line].add(nodeid)
+            needs_disk = {n for n, files in base["subprocess_lines"].items() if any(files.values())}
+
+            def is_slow(nodeid):
+                return (nodeid in needs_disk or nodeid in slow_marked
+                        or durations.get(nodeid, 0) > self.args.max_test_seconds)
+
+            mutants = self.mutants_by_target[target]
+            plans, queue = {}, []
+            for mutant in mutants:
+                if mutant.key in self.args.equivalent:
+                    mutant.status, mutant.verdict = "equivalent", self.args.equivalent[mutant.key]
+                    continue
+                plans[mutant.key] = plan = patch_plan(pristine, mutant, filename)
+                if plan[0] == "equivalent":
+                    mutant.status, mutant.verdict = "equivalent", "the same bytecode as the original"
+                    continue
+                lines = set(range(mutant.line, mutant.end_line + 1))
+                if mutant.function is None or plan[0] == "statement":  # module / class level, or a default value
+                    lines = statement_lines(pristine, mutant)
+                    if lines is None:
+                        lines = set(in_process) | set(in_subprocess)
+                covering = set().union(*(in_process.get(l, set()) | in_subprocess.get(l, set()) for l in lines)) \
+                    if lines else set()
+                fast = sorted((n for n in covering if not is_slow(n)), key=priority)
+                slow = sorted((n for n in covering if is_slow(n)), key=priority)
+                if not covering:
+                    mutant.status = "no tests"
+                    continue
+                if not fast and self.args.no_slow:
+                    continue  # only slow tests reach it: not judged in this run
+                if fast and self.args.slow_tier == "collectives" and not _touches_collectives(pristine, mutant):
+                    # the fast tests execute the line and it feeds no collective: the multi-process tests are left out
+                    slow = [n for n in slow if n not in needs_disk]
+                queue.append([mutant, "fast" if fast else "slow", fast, slow])
+            counts = defaultdict(int)
+            for mutant in mutants:
+                counts[mutant.status] += 1
+            print(f"{target}: {len(mutants)} mutants, {len(queue)} to run ({counts['equivalent']} equivalent, "
+                  f"{counts['no tests']} on lines no test executes)", flush=True)
+            self._loop(queue, target, module, pristine, plans, live, durations, stats, started, all_mutants + mutants)
+            all_mutants.extend(mutants)
+            with open(stats_file, "w") as handle:
+                json.dump(stats, handle)
+            write_report(self.args.report, all_mutants, time.time() - started, self.previous)
+        self.summary = write_report(self.args.report, all_mutants, time.time() - started, self.previous)
+        return True
+
+    def _loop(self, queue, target, module, pristine, plans, live, durations, stats, started, reported):
+        args = self.args
+        # a copy of src/ per job: the subprocesses of a slow-tier or fallback child import the mutant from it (the
+        # tree's sitecustomize puts MUTATION_SRC first on their sys.path)
+        disk_files = []
+        for index in range(args.jobs):
+            job_src = os.path.join(args.workdir, f"job{index}", "src")
+            if not os.path.isdir(job_src):
+                shutil.copytree(os.path.join(self.tree, "src"), job_src)
+            disk_files.append(os.path.join(job_src, os.path.relpath(target, "src")))
+        running = {}  # pid -> (mutant, tier, tests, start, timeout, log, result file, on disk)
+        free = list(range(args.jobs))
+        done = 0
+        try:
+            self._schedule(queue, running, free, target, module, pristine, plans, live, durations, stats, started,
+                           reported, disk_files, done)
+        finally:
+            for pid in running:  # interrupted: end the children and everything they started
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _schedule(self, queue, running, free, target, module, pristine, plans, live, durations, stats, started,
+                  reported, disk_files, done):
+        args = self.args
+        while queue or running:
+            if args.time_limit is not None and time.time() - started > 60 * args.time_limit:
+                for mutant, tier, _, _ in queue:
+                    if tier == "slow" and mutant.status == "pending" and mutant.tests:
+                        mutant.status, mutant.verdict = "survived", "fast tier only (time limit)"
+                queue.clear()
+            while queue and free:
+                mutant, tier, fast, slow = job = queue.pop(0)
+                tests = fast if tier == "fast" else slow
+                on_disk = self._on_disk(job, plans)
+                index = free.pop()
+                log = os.path.join(args.workdir, f"mutant{index}.log")
+                result_file = os.path.join(args.workdir, f"mutant{index}.json")
+                if os.path.exists(result_file):
+                    os.remove(result_file)
+                with open(disk_files[index], "wb") as handle:
+                    handle.write(mutated_source(pristine, mutant))
+                budget = sum(durations.get(t, 1.0) for t in tests)
+                timeout = max(args.min_timeout, args.timeout_factor * budget + 30.0 * on_disk)
+                body = self._child_body(mutant, tests, module, pristine, plans[mutant.key], live, result_file,
+                                        disk_files[index][: -len(os.path.relpath(target, "src")) - 1])
+                pid = self._fork(body, log)
+                running[pid] = (index, job, tests, time.time(), timeout, log, result_file, on_disk)
+            time.sleep(0.02)
+            for pid, (index, job, tests, start, timeout, log, result_file, on_disk) in list(running.items()):
+                mutant, tier, fast, slow = job
+                finished, status = os.waitpid(pid, os.WNOHANG)
+                timed_out = False
+                if not finished and time.time() - start > timeout:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    os.waitpid(pid, 0)
+                    timed_out, status = True, None
+                elif not finished:
+                    continue
+                del running[pid]
+                free.append(index)
+                with open(disk_files[index], "wb") as handle:
+                    handle.write(pristine)
+                mutant.seconds += time.time() - start
+                ran = []
+                if os.path.exists(result_file):
+                    with open(result_file) as handle:
+                        ran = json.load(handle).get("ran", [])
+                mutant.tests += len(ran)
+                for nodeid in ran:
+                    kills, runs = stats.get(nodeid, (0, 0))
+                    stats[nodeid] = (kills, runs + 1)
+                exit_code = None if timed_out or status is None else (
+                    os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+                if timed_out:
+                    mutant.status, mutant.killer = "killed", "timeout"
+                elif exit_code == 0:
+                    if tier == "fast" and slow and not args.no_slow:
+                        queue.append([mutant, "slow", fast, slow])
+                        continue
+                    mutant.status = "survived"
+                elif exit_code in (1, 2) or (exit_code is not None and exit_code < 0):
+                    mutant.status = "killed"
+                    mutant.killer = (ran[-1] if exit_code == 1 and ran else _killer(log)) or f"exit {exit_code}"
+                    if exit_code == 1 and ran:
+                        kills, runs = stats[ran[-1]]
+                        stats[ran[-1]] = (kills + 1, runs)
+                    if tier == "slow":
+                        mutant.killer += " (slow tier)"
+                else:
+                    mutant.status, mutant.killer = "error", f"exit {exit_code}; see {log}"
+                    shutil.copy(log, os.path.join(args.report, f"error-{mutant.line}.log"))
+                done += 1
+                if mutant.status == "survived":
+                    print(f"  SURVIVED {mutant.short()}", flush=True)
+                if done % 25 == 0:
+                    print(f"  {done} done, {len(queue) + len(running)} to go, {time.time() - started:.0f} s",
+                          flush=True)
+                    write_report(args.report, reported, time.time() - started, self.previous)
+
+    def _on_disk(self, job, plans):
+        mutant, tier, _, _ = job
+        return tier == "slow" or plans[mutant.key][0] == "fallback"
+
+    def _child_body(self, mutant, tests, module, pristine, plan, live, result_file, job_src):
+        def body():
+            ran = []
+            os.environ["MUTATION_SRC"] = job_src  # subprocesses import the mutant (see SITECUSTOMIZE)
+
+            def record(index, item):
+                ran.append(item.nodeid)
+                with open(result_file, "w") as handle:
+                    json.dump({"ran": ran}, handle)
+
+            try:
+                applied = plan[0] != "fallback" and apply_mutant(module, pristine, mutant, plan, live)
+            except Exception:  # noqa: BLE001 - the mutated module fails at import: every test would fail
+                import traceback
+
+                traceback.print_exc()
+                with open(result_file, "w") as handle:
+                    json.dump({"ran": []}, handle)
+                return 2
+            if not applied:
+                # a fresh interpreter imports the mutant from this job's copy of src/
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([job_src, os.path.join(self.tree, "packages")]))
+                with open(result_file, "w") as handle:
+                    json.dump({"ran": list(tests)}, handle)
+                command = [sys.executable, "-m", "pytest", "-x"] + PYTEST_ARGS + list(tests)
+                return subprocess.run(command, cwd=self.tree, env=env).returncode
+            killer = self._run_items(tests, before=record)
+            return 1 if killer else 0
+
+        return body
 
 
-PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addopts=", "--hypothesis-seed=0",
-               "-W", "ignore", "--no-header", "-rfE"]
+COLLECTIVE_WORDS = ("group", "_all_reduce", "_reduce_scaled", "reduce_columns", "untrusted(", "sync")
 
 
-def baseline(target: str, workdir: str, log: str) -> dict:
-    result_file = os.path.join(workdir, "baseline.json")
-    filename = os.path.join(workdir, target)
-    tests = TARGETS[target]["fast"]
-    pid = os.fork()
-    if pid == 0:
-        _child(workdir, PYTEST_ARGS + FAST_ARGS + tests, log, _Tracer(filename), result_file)
-    _, status = os.waitpid(pid, 0)
-    if not os.path.exists(result_file):
-        raise SystemExit(f"baseline of {target} did not run: see {log}")
-    with open(result_file) as handle:
-        result = json.load(handle)
-    if result["exit"] != 0:
-        raise SystemExit(f"baseline of {target} fails ({result['failed'][:5]}): fix the tests first; see {log}")
-    return result
+def _touches_collectives(source: bytes, mutant: Mutant) -> bool:
+    """Whether a mutated line reads a process group or calls a collective: only multi-process tests judge those."""
+    lines = source.split(b"\n")[mutant.line - 1: mutant.end_line]
+    return any(word.encode() in line for line in lines for word in COLLECTIVE_WORDS)
 
 
 def _killer(log: str) -> str:
@@ -441,9 +1036,6 @@ def _killer(log: str) -> str:
     return "error (see log)" if text else ""
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The run
-# ------------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="", help="comma-separated substrings of target paths (default: all)")
@@ -451,33 +1043,52 @@ def main(argv=None):
     parser.add_argument("--report", default=os.path.join(ROOT, "mutation-report"))
     parser.add_argument("--workdir", default=os.path.join(ROOT, "mutation-work"))
     parser.add_argument("--timeout_factor", type=float, default=4.0, help="timeout: this times the tests' baseline time")
-    parser.add_argument("--min_timeout", type=float, default=60.0)
+    parser.add_argument("--min_timeout", type=float, default=30.0)
     parser.add_argument("--no_slow", action="store_true", help="skip the slow tier")
     parser.add_argument("--max_test_seconds", type=float, default=3.0,
-                        help="fast-tier tests that took longer in the baseline go to the slow tier")
+                        help="tests that took longer in the baseline go to the slow tier")
     parser.add_argument("--time_limit", type=float, default=None,
                         help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
+    parser.add_argument("--slow_tier", choices=["all", "collectives"], default="collectives",
+                        help="which slow tests a fast-tier survivor runs: all, or (default) the multi-process ones only "
+                             "where no fast test executes the mutated line or it touches a collective (process groups, "
+                             "all-reduces); the long single-process tests always")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the mutants that the report's mutants.json already judged (an interrupted run)")
     parser.add_argument("--rerun", action="store_true",
                         help="run only the mutants that survived (or were not judged) in the report's mutants.json")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--refresh", action="store_true",
+                        help="rewrite the report's summary without running: survivors now recorded in "
+                             "tools/mutation_equivalent.json become equivalent (with their reason)")
     parser.add_argument("--only", default="", help="run only mutants whose key contains this text")
     args = parser.parse_args(argv)
 
     targets = [t for t in TARGETS if not args.targets or any(s and s in t for s in args.targets.split(","))]
-    equivalent = {}
+    args.equivalent = {}
     if os.path.exists(EQUIVALENT_FILE):
         with open(EQUIVALENT_FILE) as handle:
-            equivalent = json.load(handle)
+            args.equivalent = json.load(handle)
     mutants_by_target = {target: generate(target) for target in targets}
     if args.only:
         mutants_by_target = {t: [m for m in ms if args.only in m.key] for t, ms in mutants_by_target.items()}
     if args.sample > 1:
         mutants_by_target = {t: ms[::args.sample] for t, ms in mutants_by_target.items()}
     previous = load_report(args.report)
+    if args.resume:
+        judged = {key for key, m in previous.items() if m["status"] in ("killed", "survived", "no tests", "equivalent")}
+        mutants_by_target = {t: [m for m in ms if m.key not in judged] for t, ms in mutants_by_target.items()}
     if args.rerun:
         again = {key for key, m in previous.items() if m["status"] in ("survived", "no tests", "error")}
         mutants_by_target = {t: [m for m in ms if m.key in again] for t, ms in mutants_by_target.items()}
+    if args.refresh:
+        mutants = [Mutant(**m) for m in previous.values()]
+        for mutant in mutants:
+            if mutant.status in ("survived", "no tests") and mutant.key in args.equivalent:
+                mutant.status, mutant.verdict = "equivalent", args.equivalent[mutant.key]
+        print(write_report(args.report, mutants, 0.0))
+        return 0
     if args.list:
         for target, mutants in mutants_by_target.items():
             for mutant in mutants:
@@ -487,122 +1098,39 @@ def main(argv=None):
 
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
                       TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    for module in PRELOAD:
-        try:
-            __import__(module)
-        except ImportError:
-            pass
+    sys.dont_write_bytecode = True
     os.makedirs(args.report, exist_ok=True)
-    workers = [os.path.join(args.workdir, f"w{i}") for i in range(args.jobs)]
-    for folder in workers:
-        prepare_workdir(folder)
-    started = time.time()
-    all_mutants = []
+    args.report, args.workdir = os.path.abspath(args.report), os.path.abspath(args.workdir)
+    tree = os.path.join(args.workdir, "tree")
+    prepare_workdir(tree)
+    # This process imports the project (from the tree) and collects the tests once; children inherit both.
+    sources = [os.path.join(tree, "src"), os.path.join(tree, "packages")]
+    sys.path[:0] = sources
+    os.environ["PYTHONPATH"] = os.pathsep.join(sources)
+    import torch
+
+    torch.set_num_threads(1)
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module("optvq_hf")
+    for info in pkgutil.walk_packages(package.__path__, "optvq_hf."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - optional extras
+            pass
     for target in targets:
-        mutants = mutants_by_target[target]
-        log = os.path.join(args.report, "baseline.log")
-        t0 = time.time()
-        base = baseline(target, workers[0], log)
-        durations = base["durations"]
-        calls = base["calls"]
-        tests_by_function = defaultdict(list)
-        for test, functions in calls.items():
-            for function in functions:
-                tests_by_function[function].append(test)
-        any_call = sorted({t for t, fs in calls.items() if fs}, key=lambda t: durations.get(t, 0))
-        long_tests = sorted(t for t in any_call if durations.get(t, 0) > args.max_test_seconds)
-        slow_tier = long_tests + TARGETS[target]["slow"]
-        print(f"{target}: {len(mutants)} mutants; baseline {time.time() - t0:.0f} s, {len(durations)} tests, "
-              f"{len(any_call)} call it, {len(long_tests)} of them in the slow tier", flush=True)
-        with open(os.path.join(ROOT, target), "rb") as handle:
-            pristine = handle.read()
-
-        def selection(mutant):
-            if mutant.function is None:
-                tests = any_call
-            else:
-                # a nested function's code runs when it is called; its enclosing functions' tests cover it too
-                tests = tests_by_function.get(mutant.function, [])
-            return sorted(set(tests) - set(long_tests), key=lambda t: durations.get(t, 0))
-
-        queue = [(mutant, "fast") for mutant in mutants if mutant.key not in equivalent]
-        for mutant in mutants:
-            if mutant.key in equivalent:
-                mutant.status, mutant.verdict = "equivalent", equivalent[mutant.key]
-        running = {}  # pid -> (worker index, mutant, tier, start, timeout, log)
-        free = list(range(args.jobs))
-        done = 0
-        while queue or running:
-            if args.time_limit is not None and time.time() - started > 60 * args.time_limit:
-                for mutant, tier in queue:  # survivors of the fast tier stay survivors; the rest is not reported
-                    if tier == "slow":
-                        mutant.status, mutant.verdict = "survived", "fast tier only (time limit)"
-                queue.clear()
-            while queue and free:
-                mutant, tier = queue.pop(0)
-                tests = selection(mutant) if tier == "fast" else slow_tier
-                if not tests:
-                    mutant.status = "no tests"
-                    continue
-                index = free.pop()
-                folder = workers[index]
-                with open(os.path.join(folder, target), "wb") as handle:
-                    handle.write(pristine[: mutant.start] + mutant.replacement.encode() + pristine[mutant.stop:])
-                log = os.path.join(folder, "mutant.log")
-                budget = sum(durations.get(t, 1.0) for t in tests) + (300.0 * (tier == "slow"))
-                timeout = max(args.min_timeout, args.timeout_factor * budget)
-                pid = os.fork()
-                if pid == 0:
-                    _child(folder, PYTEST_ARGS + ["-x"] + tests, log)
-                running[pid] = (index, mutant, tier, time.time(), timeout, log, len(tests))
-            time.sleep(0.05)
-            for pid, (index, mutant, tier, start, timeout, log, count) in list(running.items()):
-                finished, status = os.waitpid(pid, os.WNOHANG)
-                timed_out = False
-                if not finished and time.time() - start > timeout:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    os.waitpid(pid, 0)
-                    timed_out, status = True, None
-                elif not finished:
-                    continue
-                del running[pid]
-                with open(os.path.join(workers[index], target), "wb") as handle:
-                    handle.write(pristine)
-                free.append(index)
-                mutant.seconds += time.time() - start
-                mutant.tests += count
-                exit_code = None if timed_out or status is None else (
-                    os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
-                if timed_out:
-                    mutant.status, mutant.killer = "killed", "timeout"
-                elif exit_code == 0:
-                    if tier == "fast" and slow_tier and not args.no_slow:
-                        queue.append((mutant, "slow"))
-                        continue
-                    mutant.status = "survived"
-                elif exit_code in (1, 2) or (exit_code is not None and exit_code < 0):
-                    # 1: a test failed; 2: collection broke (the mutant fails at import); < 0: it crashed the child
-                    mutant.status = "killed"
-                    mutant.killer = _killer(log) or f"exit {exit_code}"
-                    if tier == "slow":
-                        mutant.killer += " (slow tier)"
-                else:  # pytest's internal / usage errors, no tests collected, or this script's child failing
-                    mutant.status, mutant.killer = "error", f"exit {exit_code}; see {log}"
-                done += 1
-                if mutant.status == "survived":
-                    print(f"  SURVIVED {mutant.short()}", flush=True)
-                if done % 10 == 0:
-                    print(f"  {done}/{len(queue) + len(running) + done} done, {time.time() - started:.0f} s",
-                          flush=True)
-                    write_report(args.report, all_mutants + mutants, time.time() - started, previous)
-        all_mutants.extend(mutants)
-        write_report(args.report, all_mutants, time.time() - started, previous)
+        importlib.import_module(target[len("src/"):-len(".py")].replace("/", "."))
+    tests = sorted({t for target in targets for t in TARGETS[target]["fast"] + TARGETS[target]["slow"]})
+    driver = Driver(args, targets, mutants_by_target, tree, previous)
+    os.chdir(tree)
+    code = pytest.main(PYTEST_ARGS + ["-k", "not compile"] + tests, plugins=[driver])
+    os.chdir(ROOT)
+    if not hasattr(driver, "summary"):
+        print(f"pytest ended before the mutation loop (exit {int(code)})")
+        return 1
     shutil.rmtree(args.workdir, ignore_errors=True)
-    summary = write_report(args.report, all_mutants, time.time() - started, previous)
-    print(summary)
+    print(driver.summary)
     return 0
 
 
@@ -636,6 +1164,17 @@ def write_report(folder: str, mutants: list[Mutant], seconds: float, previous: d
                      f"| {count['no tests']} | {score:.1f} % |")
     lines += ["", "Survivors (no test fails):", ""]
     lines += [f"- {m.short()}  \n  key: `{m.key}`" for m in mutants if m.status in ("survived", "no tests")]
+    lines += ["", "Every mutant that no test kills, with its verdict (for docs/testing.md):", "",
+              "| file:line | function | mutant | verdict |", "|---|---|---|---|"]
+    for m in sorted(mutants, key=lambda m: (m.file, m.line, m.key)):
+        if m.status in ("survived", "no tests", "equivalent"):
+            verdict = {"survived": "open", "no tests": "open: no test executes the line"}.get(m.status, "")
+            if m.status == "equivalent":
+                verdict = f"equivalent: {m.verdict}"
+            original = " ".join(m.original.split()).replace("|", "\\|")
+            replacement = " ".join(m.replacement.split()).replace("|", "\\|")
+            lines.append(f"| {os.path.basename(m.file)}:{m.line} | `{m.function or 'module'}` | {m.operator}: "
+                         f"`{original[:70]}` -> `{replacement[:70]}` | {verdict} |")
     errors = [m for m in mutants if m.status == "error"]
     if errors:
         lines += ["", "Not judged (the run failed for another reason; `--rerun` runs them again):", ""]

@@ -1,0 +1,264 @@
+"""The Sinkhorn engine where its guards trigger: codes far beyond float32's exp range (the soft plan's exact
+fallback passes, the assignment's kernel rebuilds), the block size as a speed-only knob, and the cross-rank
+statistics' arithmetic, all against float64 references written from the paper (tests/reference_optvq.py)."""
+
+import math
+
+import pytest
+import torch
+
+import optvq_hf.sinkhorn as engine
+from optvq_hf.sinkhorn import euclidean_argmin, sinkhorn_assign, sinkhorn_plan
+from reference_optvq import (
+    assert_near_optimal,
+    reference_cost,
+    reference_equipartition_plan,
+    reference_sinkhorn_log_plan,
+)
+
+
+def _far_codes(rows=300, codes=256, dim=4, far=3, factor=50.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, dim, generator=generator)
+    codebook = torch.randn(codes, dim, generator=generator)
+    codebook[-far:] *= factor
+    return features, codebook
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("num_iters", [0, 1, 5])
+def test_soft_plan_with_codes_beyond_float32_reach_is_the_exact_equipartition_plan(normalization, num_iters):
+    # Three codes 50x farther than the rest: their column totals lie hundreds of nats below the others, beyond what
+    # the float32 kernel can vouch for, so the guard-free plan takes the exact log-domain passes; with the published
+    # guards the kernel passes stay exact. Both against float64 log-domain references.
+    features, codebook = _far_codes()
+    exact = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization)
+    expected = reference_equipartition_plan(features, codebook, 10.0, num_iters, normalization)
+    torch.testing.assert_close(exact.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(exact.sum(1), torch.ones(len(features)))
+    guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
+    expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, num_iters, normalization), dim=1)
+    torch.testing.assert_close(guarded.double(), expected, atol=1e-4, rtol=0)
+    # blocks of any size (a speed knob) give the same plan
+    torch.testing.assert_close(sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, block_size=7), exact,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "knob,values",
+    [
+        ("_CHUNK_ENTRIES", [1000, 1 << 30]),  # rows of distances per matmul
+        ("_BLOCK_ENTRIES", [1000, 1 << 30]),  # rows per elementwise block (active policy)
+        ("_PASSIVE_BLOCK_ENTRIES", [1000, 1 << 30]),  # the same for the passive policy and streamed passes
+        ("_CODE_SPREAD", [0.0, 30.0]),  # how far code potentials drift before the kernel is rebuilt
+        ("_DIRECT_MAX_DIM", [0, 100]),  # distances by coordinate differences or by one matmul
+        ("_FLOAT32_LOG_MAX", [0.0, 40.0]),  # where in float32's range the cached kernel's rows peak
+        ("_CHUNK_ENTRIES+_PASSIVE_BLOCK_ENTRIES", [(5000, 1000)]),  # streamed chunks of several blocks each
+    ],
+)
+def test_speed_knobs_change_no_result(monkeypatch, knob, values):
+    """The engine's module constants that trade speed against memory decide how the work is cut into blocks, when the
+    kernel is rebuilt and how distances are computed; none changes an assignment, and the soft plan stays within
+    float32 rounding. Half the codes lie far away (code potentials drift by hundreds of nats over 20 iterations, so
+    the kernel is rebuilt), on the matmul path (d=8) and the coordinate path (d=3)."""
+    cases = []
+    for dim in (3, 8):
+        generator = torch.Generator().manual_seed(dim)
+        features, codebook = torch.randn(250, dim, generator=generator), torch.randn(48, dim, generator=generator)
+        codebook[24:] *= 20.0
+        cases.append((features, codebook))
+
+    def run():
+        out = []
+        for features, codebook in cases:
+            for normalization in ("all", "none"):
+                for policy in ("active", "passive"):
+                    for streaming in (False, True):
+                        out.append(sinkhorn_assign(features, codebook, 10.0, 20, normalization, streaming=streaming,
+                                                   block_policy=policy))
+                out.append(euclidean_argmin(features, codebook))
+                out.append(sinkhorn_plan(features, codebook, 10.0, 20, normalization))
+                out.append(sinkhorn_plan(features, codebook, 10.0, 20, normalization, marginal_guard=1e-8))
+        return out
+
+    default = run()
+    for value in values:
+        for name, setting in zip(knob.split("+"), value if "+" in knob else [value]):
+            monkeypatch.setattr(engine, name, setting)
+        for expected, got in zip(default, run()):
+            if expected.dtype == torch.long:
+                assert torch.equal(got, expected), (knob, value)
+            else:
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_normalize_distances_of_two_entries_uses_their_spread():
+    # the dense helper's "all" normalization: unbiased std from two entries on (a single entry has none)
+    distances = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    expected = torch.tensor([[0.0, 2.0 / (math.sqrt(2.0) + 1e-6)]], dtype=torch.float64)
+    torch.testing.assert_close(engine.normalize_distances(distances), expected)
+    torch.testing.assert_close(engine.normalize_distances(distances.t()), expected.t())
+    assert torch.equal(engine.normalize_distances(distances[:, :1]), torch.zeros(1, 1, dtype=torch.float64))
+
+
+def test_normalize_distances_in_float32_keeps_the_distances_digits():
+    # The mean is subtracted before dividing (a constant shift, which the minimum's subtraction would remove anyway)
+    # so that float32 keeps the distances' own digits: against the float64 formula on the same float32 values.
+    distances = 4.0 + 2.0 * torch.rand(300, 200, generator=torch.Generator().manual_seed(0))
+    d = distances.double()
+    normalized = (d - d.mean()) / (d.std() + 1e-6)
+    torch.testing.assert_close(engine.normalize_distances(distances).double(), normalized - normalized.min(),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_default_dense_limit_is_the_documented_one_gib_cache():
+    """docs/sinkhorn.md: `streaming="auto"` caches up to `dense_limit` = 2^28 float32 entries (1 GiB), for the
+    engine and the quantizer alike."""
+    import inspect
+
+    from optvq_hf import OptVQQuantizer
+
+    assert inspect.signature(sinkhorn_assign).parameters["dense_limit"].default == 2**28
+    assert OptVQQuantizer(dim=4, codebook_size=4).sinkhorn_dense_limit == 2**28
+    workspace = engine.SinkhornWorkspace()  # a small problem under the default: cached in the workspace
+    sinkhorn_assign(torch.randn(50, 4), torch.randn(8, 4), workspace=workspace)
+    assert workspace.buffer.numel() == 50 * 8
+
+
+def test_a_workspace_keeps_its_buffer_for_a_call_of_the_same_size():
+    workspace = engine.SinkhornWorkspace()
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(120, 4, generator=generator), torch.randn(10, 4, generator=generator)
+    sinkhorn_assign(features, codebook, workspace=workspace)
+    buffer = workspace.buffer
+    assert buffer.numel() == 120 * 10
+    assert torch.equal(sinkhorn_assign(features, codebook, workspace=workspace), sinkhorn_assign(features, codebook))
+    assert workspace.buffer is buffer  # the same tensor, not a fresh allocation of the same size
+
+
+def test_a_process_group_without_torch_distributed_running_assigns_locally():
+    """`process_group="world"` (or a quantizer's sync) in a process where torch.distributed is not initialized: the
+    rows of this process alone, with no collective."""
+    import torch.distributed as dist
+
+    from optvq_hf import OptVQQuantizer
+
+    assert not dist.is_initialized()
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(90, 4, generator=generator), torch.randn(12, 4, generator=generator)
+    for streaming in (False, True):
+        assert torch.equal(sinkhorn_assign(features, codebook, process_group="world", streaming=streaming),
+                           sinkhorn_assign(features, codebook))
+    torch.testing.assert_close(sinkhorn_plan(features, codebook, process_group="world"),
+                               sinkhorn_plan(features, codebook))
+    quantizer = OptVQQuantizer(dim=4, codebook_size=12).train()
+    assert quantizer.sync_group() is None
+
+
+def test_float32_operands_are_rescaled_by_their_largest_magnitude():
+    """The engine rescales centred float32 operands by a power of two set by their largest |entry|, so squared
+    distances neither overflow (1e25) nor underflow (1e-30): nearest codes against float64 `cdist`, the "all"
+    assignment (scale-free above the 1e-6 of Eq. 12) against the unscaled one, even with exact zeros among the
+    entries; features 1e20 away from unit codes (all distances tie in float32) still give a finite plan."""
+    generator = torch.Generator().manual_seed(1)
+    half = torch.randn(8, 6, generator=generator)
+    half[:, 0] = 0.0
+    codebook = torch.cat([half, -half])  # mean exactly 0: the centred operands keep their exact zeros
+    features = torch.randn(100, 6, generator=generator)
+    features[:, 0] = 0.0
+    unscaled = sinkhorn_assign(features, codebook)
+    for scale in (1e-30, 1e-20, 1e15, 1e25):
+        for offset in (0.0, 3.0):  # features on one side of the codebook
+            rows, codes = (features + offset) * scale, codebook * scale
+            expected = torch.cdist(rows.double(), codes.double()).argmin(1)
+            assert torch.equal(euclidean_argmin(rows, codes), expected), (scale, offset)
+        if scale > 1:
+            assert torch.equal(sinkhorn_assign(features * scale, codebook * scale), unscaled), scale
+    far = features + 1e20
+    plan = sinkhorn_plan(far, codebook)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum(1), torch.ones(len(far)))
+    for streaming in (False, True):
+        ids = sinkhorn_assign(far, codebook, streaming=streaming)
+        assert int(ids.min()) >= 0 and int(ids.max()) < len(codebook)
+
+
+def test_features_equal_to_codes_choose_them_on_the_matmul_path():
+    # |z|^2 - 2 z.c + |c|^2 rounds to tiny negatives where z == c: clamped at 0 before the square root (else NaN)
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 8, generator=generator)
+    features = torch.cat([codebook, torch.randn(50, 8, generator=generator)])
+    assert torch.equal(sinkhorn_assign(features, codebook)[:16], torch.arange(16))
+    assert torch.isfinite(sinkhorn_plan(features, codebook)).all()
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+@pytest.mark.parametrize("rows,codes", [(1, 2), (1, 8), (2, 2), (3, 50)])
+def test_soft_plan_of_a_few_rows_is_the_reference_plan(rows, codes, normalization):
+    generator = torch.Generator().manual_seed(rows * 100 + codes)
+    features, codebook = torch.randn(rows, 3, generator=generator), torch.randn(codes, 3, generator=generator)
+    for num_iters in (0, 1, 3):
+        plan = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization)
+        expected = reference_equipartition_plan(features, codebook, 10.0, num_iters, normalization)
+        torch.testing.assert_close(plan.double(), expected, atol=1e-5, rtol=0)
+        guarded = sinkhorn_plan(features, codebook, 10.0, num_iters, normalization, marginal_guard=1e-8)
+        expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, num_iters, normalization), 1)
+        torch.testing.assert_close(guarded.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3e-7])
+def test_the_1e6_in_the_all_normalization_is_in_distance_units(scale):
+    # Eq. (12) divides by std(D) + 1e-6 in the distances' own units: at a scale of 1e-6 the 1e-6 is as large as the
+    # spread, and the engine (which works on 2^k-rescaled distances) must add it in the same units.
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(200, 3, generator=generator), torch.randn(24, 3, generator=generator)
+    features, codebook = features * scale, codebook * scale
+    for streaming in (False, True):
+        ids = sinkhorn_assign(features, codebook, streaming=streaming)
+        expected = reference_sinkhorn_log_plan(features, codebook)
+        assert_near_optimal(ids, expected, 1e-3)
+    plan = sinkhorn_plan(features, codebook)
+    torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_float64_inputs_within_float32s_range_work_with_every_normalization(normalization):
+    # Only magnitudes outside float32's range are rescaled (and refused for "dim" / "none", whose scale matters):
+    # float64 inputs of ordinary magnitudes give their float32 values' results, all-zero ones code 0 everywhere.
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 1e3):
+        features = torch.randn(60, 3, generator=generator, dtype=torch.float64) * scale
+        codebook = torch.randn(10, 3, generator=generator, dtype=torch.float64) * scale
+        expected = sinkhorn_assign(features.float(), codebook.float(), normalization=normalization)
+        assert torch.equal(sinkhorn_assign(features, codebook, normalization=normalization), expected)
+        torch.testing.assert_close(sinkhorn_plan(features, codebook, normalization=normalization),
+                                   sinkhorn_plan(features.float(), codebook.float(), normalization=normalization))
+    zeros = torch.zeros(5, 3, dtype=torch.float64)
+    assert torch.equal(sinkhorn_assign(zeros, zeros[:4], normalization=normalization), torch.zeros(5, dtype=torch.long))
+
+
+def test_nearest_code_of_one_row_and_of_one_dimension():
+    codebook = torch.tensor([[0.0], [1.0], [5.0]])
+    rows = torch.tensor([[4.0], [0.9], [-1.0]])
+    assert euclidean_argmin(rows, codebook).tolist() == [2, 1, 0]  # d = 1, three codes
+    for row, expected in zip(rows, [2, 1, 0]):
+        assert euclidean_argmin(row[None], codebook).tolist() == [expected]  # a single row
+    # the Sinkhorn assignment of one-dimensional features (d = 1 is not "one code")
+    features = torch.linspace(-2.0, 7.0, 40)[:, None]
+    for normalization in ("all", "dim", "none"):
+        expected = reference_sinkhorn_log_plan(features, codebook, normalization=normalization).argmax(1)
+        assert torch.equal(sinkhorn_assign(features, codebook, normalization=normalization), expected)
+        assert expected.unique().numel() == 3
+
+
+def test_auto_caches_up_to_the_dense_limit_and_streams_above_it():
+    # streaming="auto" caches when N * K <= dense_limit (the cache lives in the workspace) and streams above it (the
+    # workspace stays untouched); both give the same ids.
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(200, 4, generator=generator), torch.randn(50, 4, generator=generator)
+    expected = sinkhorn_assign(features, codebook, streaming=False)
+    for dense_limit, cached in ((200 * 50, True), (200 * 50 - 1, False), (100, False), (10**9, True)):
+        workspace = engine.SinkhornWorkspace()
+        ids = sinkhorn_assign(features, codebook, dense_limit=dense_limit, workspace=workspace)
+        assert torch.equal(ids, expected)
+        assert (workspace.buffer is not None) == cached, dense_limit
