@@ -931,10 +931,55 @@ def cli():
     collapsed, else 0 (the metrics are not returned: a console command exits with the return value of its
     function). With several processes only the main one exits with the verdict's status: a launcher (torchrun,
     `accelerate launch`) stops the other workers as soon as one exits non-zero, and the main process may still be
-    writing the model and metrics.json; the launcher then reports the main process's status."""
+    writing the model and metrics.json; the main process exits last ([`wait_for_sibling_workers`]), so that the
+    launcher reports its status without signalling the others."""
     args = parse_args()
     metrics = main(args)
-    sys.exit(exit_status(metrics, args.fail_on_collapse) if int(os.environ.get("RANK", "0")) == 0 else 0)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(0)
+    status = exit_status(metrics, args.fail_on_collapse)
+    if status and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        wait_for_sibling_workers()  # else the launcher would send the finishing workers SIGTERM
+    sys.exit(status)
+
+
+def wait_for_sibling_workers(timeout: float = 30.0) -> bool:
+    """Wait (at most `timeout` seconds) until the other worker processes of this launcher on this machine have
+    exited: the processes with the same parent (torchrun's or `accelerate launch`'s agent) and the same command line
+    as this one. A launcher stops every worker that is still running as soon as one exits non-zero, so the main
+    process, which exits with the verdict's status, leaves last. Reads /proc (Linux); elsewhere it returns at once.
+    Returns whether no sibling is left."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    me, parent = os.getpid(), os.getppid()
+    try:
+        with open(f"/proc/{me}/cmdline", "rb") as handle:
+            command_line = handle.read()
+    except OSError:
+        return True
+
+    def sibling_running() -> bool:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    state, parent_pid = handle.read().rsplit(")", 1)[1].split()[:2]
+                if int(parent_pid) != parent or state in ("Z", "X"):  # a zombie has exited
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read() == command_line:
+                        return True
+            except (OSError, ValueError):
+                continue  # the process ended while we looked
+        return False
+
+    deadline = time.monotonic() + timeout
+    while sibling_running():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 if __name__ == "__main__":

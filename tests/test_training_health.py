@@ -190,6 +190,33 @@ def test_two_processes_stop_together_when_the_run_diverges(tiny_data, tmp_path):
     assert os.path.isfile(os.path.join(output, "model.safetensors"))
     assert "training FAILED: the run DIVERGED" in completed.stdout
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_the_main_process_waits_for_its_sibling_workers_to_exit(tmp_path):
+    """The main process exits with the verdict's status only after the launcher's other workers (same parent, same
+    command line) have exited: two copies of one script, one still busy for a few seconds, the other waiting."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {EXAMPLES!r})\n"
+        "if os.environ['ROLE'] == 'busy':\n"
+        "    open(os.environ['STARTED'], 'w').close()\n"
+        "    time.sleep(4)\n"
+        "    open(os.environ['DONE'], 'w').close()\n"
+        "else:\n"
+        "    from run_train import wait_for_sibling_workers\n"
+        "    while not os.path.exists(os.environ['STARTED']):\n"
+        "        time.sleep(0.05)\n"
+        "    left = wait_for_sibling_workers(timeout=60)\n"
+        "    print(left, os.path.exists(os.environ['DONE']))\n")
+    env = dict(os.environ, STARTED=str(tmp_path / "started"), DONE=str(tmp_path / "done"))
+    busy = subprocess.Popen([sys.executable, str(script)], env=dict(env, ROLE="busy"))
+    waiter = subprocess.run([sys.executable, str(script)], env=dict(env, ROLE="wait"), capture_output=True,
+                            text=True, timeout=120)
+    busy.wait(timeout=60)
+    assert waiter.returncode == 0, waiter.stderr[-2000:]
+    assert waiter.stdout.split() == ["True", "True"]  # no sibling left, and the busy one had finished its work
+
+
 def test_the_makefile_demo_runs_the_setting_the_summary_describes():
     """The final summary quotes `make demo`'s measured PSNR range (run_train.DEMO_EXPECTED_PSNR) for the setting
     run_train.DEMO_SETTING; the Makefile must still run exactly that setting (else re-run the seed sweep of
