@@ -291,12 +291,17 @@ def reduce_divergence_signal(signal: torch.Tensor, process_group=None) -> torch.
     """The element-wise maximum of every process's [`divergence_signal`] (an all-reduce of two numbers when
     `torch.distributed` is initialized with several processes; `signal` itself otherwise), so that all processes
     get the same verdict from [`diagnose_divergence`] at the same step. Every process must call it at that step."""
+    return all_reduce_over_processes(signal.clone(), "max", process_group)
+
+
+def all_reduce_over_processes(tensor: torch.Tensor, op: str = "sum", process_group=None) -> torch.Tensor:
+    """`tensor` reduced in place (`op`: `"sum"` or `"max"`) over the processes of `process_group` when
+    `torch.distributed` runs with several of them; `tensor` unchanged otherwise. Every process must call it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-        signal = signal.clone()
-        dist.all_reduce(signal, op=dist.ReduceOp.MAX, group=process_group)
-    return signal
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=process_group)
+    return tensor
 
 
 @dataclass

@@ -13,15 +13,9 @@ import torch.distributed as dist
 
 from ..metrics.functional import code_histogram, codebook_statistics, per_image_psnr, to_unit_images
 from .data import to_pixel_values
-from .diagnostics import ReconstructionSpread
+from .diagnostics import ReconstructionSpread, all_reduce_over_processes
 
 __all__ = ["evaluate_reconstruction", "RunningMeans"]
-
-
-def _all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 @torch.no_grad()
@@ -69,11 +63,11 @@ def evaluate_reconstruction(model, images: torch.Tensor, batch_size: int = 256,
         totals[2:] += torch.from_numpy(code_histogram(output.token_ids[mask.to(device)], codebook_size))
         spread.update(pixel_values, output.reconstruction, mask)
     model.train(was_training)
-    totals = _all_reduce_sum(totals.to(device), process_group).cpu()
+    totals = all_reduce_over_processes(totals.to(device), process_group=process_group).cpu()
     counts = totals[2:]
     metrics = {"psnr": float(totals[0] / totals[1].clamp_min(1)), "num_eval_images": int(totals[1])}
     metrics.update(codebook_statistics(counts))
-    ratio = spread.reduce_(lambda sums: _all_reduce_sum(sums, process_group)).ratio
+    ratio = spread.reduce_(lambda sums: all_reduce_over_processes(sums, process_group=process_group)).ratio
     if math.isfinite(ratio):  # needs two images or more
         metrics["reconstruction_spread"] = ratio
     return metrics, counts
@@ -106,7 +100,7 @@ class RunningMeans:
         device = next((v.device for v in self._sums.values() if v.device.type != "cpu"), torch.device("cpu"))
         sums = torch.stack([self._sums[name].reshape(()).to(device) for name in names]).double()
         counts = torch.tensor([self._counts[name] for name in names], dtype=torch.float64, device=device)
-        totals = _all_reduce_sum(torch.cat([sums, counts]), process_group).cpu()
+        totals = all_reduce_over_processes(torch.cat([sums, counts]), process_group=process_group).cpu()
         return {name: float(totals[i] / totals[len(names) + i].clamp_min(1)) for i, name in enumerate(names)}
 
     def reset(self):
