@@ -44,6 +44,7 @@ from optvq_hf.model_card import build_model_card  # noqa: E402
 from optvq_hf.quantization import get_quantizer_class  # noqa: E402
 from optvq_hf.sinkhorn import get_block_policy, set_block_policy  # noqa: E402
 from optvq_hf.training import (  # noqa: E402
+    MAX_LATENT_CODEBOOK_RATIO,
     MAX_TRAINING_LATENT_MAGNITUDE,
     EMAModel,
     ImagePreprocessor,
@@ -216,6 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max_latent_magnitude", type=float, default=MAX_TRAINING_LATENT_MAGNITUDE,
                        help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the loss is "
                             "NaN / Inf or the encoder's latents exceed this magnitude (0 checks the loss only).")
+    group.add_argument("--max_latent_codebook_ratio", type=float, default=MAX_LATENT_CODEBOOK_RATIO,
+                       help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the "
+                            "encoder's largest latent exceeds this many times the codebook's largest coordinate: the "
+                            "latents left the region the codes cover (healthy runs: within about 2; 0 turns it off).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -236,8 +241,9 @@ def _check_args(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` must be >= 1 when given, got {value}.")
-    if not args.max_latent_magnitude >= 0:
-        raise ValueError(f"`--max_latent_magnitude` must be >= 0, got {args.max_latent_magnitude}.")
+    for name in ("max_latent_magnitude", "max_latent_codebook_ratio"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
     if args.learning_rate <= 0:
         raise ValueError(f"`--learning_rate` must be positive, got {args.learning_rate}.")
     if args.streaming and args.max_train_steps is None:
@@ -635,12 +641,16 @@ def train(args: argparse.Namespace) -> dict:
                         bare_discriminator.requires_grad_(True)
                 # Divergence check before the update: two numbers, their maximum over processes, so that every rank
                 # stops at the same step (a rank that stopped alone would leave the others waiting in a collective).
+                with torch.no_grad():  # the codes in use: the same on every process
+                    codebook = unwrapped.quantizer.codebook
                 signal = reduce_divergence_signal(divergence_signal(
                     losses.loss if output is not None else None, output.latents if output is not None else None,
-                    device=accelerator.device)).tolist()
-                latent_magnitude = signal[1]
+                    device=accelerator.device, codebook=codebook)).tolist()
+                latent_magnitude, latent_codebook_ratio = signal[1], signal[2]
                 divergence = diagnose_divergence(signal[0] == 0, latent_magnitude, global_step + 1,
-                                                 args.max_latent_magnitude, forward_failed=signal[0] == 2)
+                                                 args.max_latent_magnitude, forward_failed=signal[0] == 2,
+                                                 latent_codebook_ratio=latent_codebook_ratio,
+                                                 max_latent_codebook_ratio=args.max_latent_codebook_ratio)
                 if divergence.diverged:
                     break
                 backward_and_step(accelerator, losses.loss, model, optimizer, args.max_grad_norm)
@@ -673,6 +683,7 @@ def train(args: argparse.Namespace) -> dict:
                 logs = {f"train/{name}": value for name, value in loss_means.compute().items()}
                 logs.update({f"train/{key}": usage[key] for key in ("codebook_usage", "perplexity", "dead_codes")})
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "train/latent_magnitude": latent_magnitude,
+                             "train/latent_codebook_ratio": latent_codebook_ratio,
                              "train/reconstruction_spread": reconstruction_spread(pixel_values, output.reconstruction),
                              "train/skipped_images": skipped_train + skipped_on_the_fly})
                 postfix = {"loss": f"{logs['train/loss']:.4f}", "usage": f"{100 * usage['codebook_usage']:.1f}%",

@@ -105,20 +105,26 @@ def test_fail_on_collapse_keeps_exit_status_zero_for_a_healthy_run(tiny_data, tm
 
 
 
-# lr 1 x batch 8, warmed up linearly over 30 steps: the latents pass 1e6 within the first 10 steps (step 6 here; the
-# tiny model's trajectory is erratic, so the checks below hold for whichever step it is). Evaluations and checkpoints
-# every step, the last 2 kept: the last ones before the divergence must survive it.
+# lr 1 x batch 8, warmed up linearly over 30 steps: the latents leave the codebook's region (10 times its largest
+# coordinate) within a few steps (step 3 here) and pass 1e6 within the first 10 (step 6 here, with that check alone;
+# the tiny model's trajectory is erratic, so the checks below hold for whichever step it is). Evaluations and
+# checkpoints every step, the last 2 kept: the last ones before the divergence must survive it.
 DIVERGING = ("--max_train_steps", "40", "--learning_rate", "1", "--lr_scheduler", "linear", "--lr_warmup_steps", "30",
              "--validation_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--seed", "0")
 
 
-def _check_diverged_outputs(output: str, metrics: dict) -> int:
+def _check_diverged_outputs(output: str, metrics: dict, by_magnitude: bool = False) -> int:
     """The channels a diverged run writes to its folder: metrics.json, the model card, the kept (finite) weights, the
-    checkpoints; returns the step it diverged at."""
+    checkpoints; returns the step it diverged at. `by_magnitude`: stopped by the 1e6 limit, else by the latents'
+    ratio to the codebook (the default limits)."""
     step = metrics["diverged_at_step"]
     assert metrics["diverged"] is True and 2 <= step <= 10 and metrics["global_step"] == step - 1
-    assert metrics["divergence_latent_magnitude"] > 1e6
-    assert any("latents reached a magnitude" in reason for reason in metrics["divergence_reasons"])
+    if by_magnitude:
+        assert metrics["divergence_latent_magnitude"] > 1e6
+        assert any("latents reached a magnitude" in reason for reason in metrics["divergence_reasons"])
+    else:
+        assert 10 < metrics["divergence_latent_codebook_ratio"] and metrics["divergence_latent_magnitude"] < 1e6
+        assert any("times the codebook's largest coordinate" in reason for reason in metrics["divergence_reasons"])
     assert metrics["last_eval"]["step"] == step - 1 and math.isfinite(metrics["last_eval"]["psnr"])
     assert metrics["final_model_saved"] is True
     # The last good checkpoint is kept; nothing was saved at or after the diverged step.
@@ -148,6 +154,16 @@ def test_a_diverged_run_stops_and_is_reported_on_every_channel(tiny_data, tmp_pa
     assert f"training FAILED: the run DIVERGED at step {step}" in printed.out and "training done" not in printed.out
     assert f"The last evaluation before it: step {step - 1}" in printed.out and '"diverged": true' in printed.out
     assert "run=DIVERGED" in printed.err
+
+
+def test_latents_past_float32s_limit_end_the_run_when_the_codebook_check_is_off(tiny_data, tmp_path):
+    """`--max_latent_codebook_ratio 0`: the same run goes on until its latents pass `--max_latent_magnitude` (1e6),
+    later than the default check stops it, and is reported the same way."""
+    output = str(tmp_path / "diverged-late")
+    metrics = run_train.main(tiny_args(tiny_data, output, *DIVERGING, "--max_latent_codebook_ratio", "0"))
+    step = _check_diverged_outputs(output, metrics, by_magnitude=True)
+    with open(os.path.join(output, "metrics.json")) as handle:
+        assert json.load(handle)["diverged_at_step"] == step
 
 
 def test_weights_that_break_the_forward_pass_end_the_run_as_diverged_without_saving_them(tiny_data, tmp_path):
@@ -187,6 +203,7 @@ def test_two_processes_stop_together_when_the_run_diverges(tiny_data, tmp_path):
     assert metrics["num_processes"] == 2
     assert metrics["diverged"] is True and metrics["final_model_saved"] is True
     assert metrics["global_step"] == metrics["diverged_at_step"] - 1 >= 1
+    assert metrics["divergence_latent_codebook_ratio"] > 10  # the ratio's maximum over both ranks
     assert os.path.isfile(os.path.join(output, "model.safetensors"))
     assert "training FAILED: the run DIVERGED" in completed.stdout
 

@@ -51,6 +51,7 @@ from .data import (
     to_pixel_values,
 )
 from .diagnostics import (
+    MAX_LATENT_CODEBOOK_RATIO,
     MAX_TRAINING_LATENT_MAGNITUDE,
     MIN_CODES_USED,
     MIN_PSNR_GAIN_DB,
@@ -92,6 +93,7 @@ __all__ = [
     "build_image_dataset", "decode_image_column", "decode_images", "iter_image_batches", "split_train_and_eval",
     "MIN_CODES_USED", "MIN_PSNR_GAIN_DB", "MIN_RECONSTRUCTION_SPREAD", "CollapseDiagnosis", "ReconstructionSpread",
     "diagnose_collapse", "mean_image_psnr", "reconstruction_spread", "MAX_TRAINING_LATENT_MAGNITUDE",
+    "MAX_LATENT_CODEBOOK_RATIO",
     "DivergenceDiagnosis", "diagnose_divergence", "divergence_signal", "reduce_divergence_signal",
     "EMAModel", "RunningMeans", "evaluate_reconstruction",
     "LPIPS", "LPIPS_WEIGHTS_NAME", "NLayerDiscriminator", "OptVQLoss", "OptVQLossOutput", "adaptive_gan_weight",

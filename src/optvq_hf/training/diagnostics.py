@@ -15,10 +15,13 @@ the spread during evaluation with [`ReconstructionSpread`] (reducible over proce
 
 A run can also *diverge*: its loss turns NaN / Inf, or its encoder's latents grow without bound (a plain-VQ model
 trained with the `"ce"` quantization loss does: nothing pulls the latents back to their codes, see docs/training.md,
-"Reproducing Table 2"). That is checked on every training step, before the update is applied: [`divergence_signal`]
-packs the two numbers into one small tensor (no host synchronization), [`reduce_divergence_signal`] takes their
-maximum over processes (one tiny all-reduce, so every rank reaches the same verdict at the same step and they stop
-together), and [`diagnose_divergence`] turns them into a [`DivergenceDiagnosis`].
+"Reproducing Table 2"). Latents that leave the region the codebook covers by a wide margin (more than
+`MAX_LATENT_CODEBOOK_RATIO` times its largest coordinate) are the first sign: from there every latent is assigned by
+its direction alone to a code on the codebook's edge, and its growth has no end. That is checked on every training
+step, before the update is applied: [`divergence_signal`] packs the numbers into one small tensor (no host
+synchronization), [`reduce_divergence_signal`] takes their maximum over processes (one tiny all-reduce, so every rank
+reaches the same verdict at the same step and they stop together), and [`diagnose_divergence`] turns them into a
+[`DivergenceDiagnosis`].
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "CollapseDiagnosis",
     "diagnose_collapse",
     "MAX_TRAINING_LATENT_MAGNITUDE",
+    "MAX_LATENT_CODEBOOK_RATIO",
     "divergence_signal",
     "reduce_divergence_signal",
     "DivergenceDiagnosis",
@@ -58,6 +62,13 @@ MIN_CODES_USED = 4
 #: whose latents got there only grows further (a `"ce"` VQ run: x10 every ~10 steps, see docs/training.md). The
 #: quantizer itself refuses latents beyond `optvq_hf.validation.MAX_FEATURE_MAGNITUDE` (1e15), far above this.
 MAX_TRAINING_LATENT_MAGNITUDE = 1e6
+#: Latents whose largest coordinate exceeds this many times the codebook's largest coordinate mark a training run as
+#: diverged: they have left the region the codes cover, so nearest-code assignment depends on their direction alone
+#: (each lands on a code at the codebook's edge) and the quantized latent no longer follows the latent. Healthy runs
+#: stay within about 2 (the trained `optvq-mnist` 1.3; a collapsed VQ run whose used codes moved out with its latents
+#: 1.8); the `"ce"` VQ baseline of docs/training.md, "Reproducing Table 2", passes 10 about 40 steps before float32's
+#: limit above, and never comes back.
+MAX_LATENT_CODEBOOK_RATIO = 10.0
 
 
 def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -263,20 +274,25 @@ def diagnose_collapse(
 
 @torch.no_grad()
 def divergence_signal(loss: torch.Tensor | None, latents: torch.Tensor | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """The per-step divergence numbers of one process, as a float32 tensor `(2,)` on the loss's device, computed
-    without a host synchronization: `[status, largest latent magnitude]`, status 0 for a finite loss, 1 for a NaN /
-    Inf loss, 2 when the forward pass failed (`loss=None`: the model refused its latents; the magnitude is then
-    `inf`). The magnitude is `inf` when a latent is NaN or Inf, 0 without `latents`.
+                      device: torch.device | str | None = None,
+                      codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-step divergence numbers of one process, as a float32 tensor `(3,)` on the loss's device, computed
+    without a host synchronization: `[status, largest latent magnitude, latent-to-codebook ratio]`, status 0 for a
+    finite loss, 1 for a NaN / Inf loss, 2 when the forward pass failed (`loss=None`: the model refused its latents;
+    the magnitude and the ratio are then `inf`). The magnitude is `inf` when a latent is NaN or Inf, 0 without
+    `latents`. The ratio is the largest latent magnitude over the codebook's largest coordinate magnitude (0 without
+    a `codebook`, or when every code is zero).
 
     Args:
         loss (`torch.Tensor` or `None`): the step's (scalar) training loss; `None` when the forward pass raised.
         latents (`torch.Tensor`, *optional*): the encoder's pre-quantization latents of the step
             (`OptVQModelOutput.latents`).
         device (*optional*): where to put the signal when `loss` is `None`.
+        codebook (`torch.Tensor`, *optional*): the codes in use (`model.quantizer.codebook`, identical on every
+            process).
     """
     if loss is None:
-        return torch.tensor([2.0, math.inf], device=device)
+        return torch.tensor([2.0, math.inf, math.inf], device=device)
     loss = loss.detach().float().reshape(-1)
     bad_loss = (~torch.isfinite(loss)).any().float()
     if latents is None or latents.numel() == 0:
@@ -284,11 +300,15 @@ def divergence_signal(loss: torch.Tensor | None, latents: torch.Tensor | None = 
     else:
         magnitude = latents.detach().abs().amax().float().to(loss.device)
         magnitude = torch.where(torch.isfinite(magnitude), magnitude, torch.full_like(magnitude, math.inf))
-    return torch.stack([bad_loss, magnitude])
+    ratio = torch.zeros((), device=loss.device)
+    if codebook is not None and codebook.numel() > 0:
+        scale = codebook.detach().abs().amax().float().to(loss.device)
+        ratio = torch.where(scale > 0, magnitude / scale.clamp_min(torch.finfo(torch.float32).tiny), ratio)
+    return torch.stack([bad_loss, magnitude, ratio])
 
 
 def reduce_divergence_signal(signal: torch.Tensor, process_group=None) -> torch.Tensor:
-    """The element-wise maximum of every process's [`divergence_signal`] (an all-reduce of two numbers when
+    """The element-wise maximum of every process's [`divergence_signal`] (an all-reduce of three numbers when
     `torch.distributed` is initialized with several processes; `signal` itself otherwise), so that all processes
     get the same verdict from [`diagnose_divergence`] at the same step. Every process must call it at that step."""
     return all_reduce_over_processes(signal.clone(), "max", process_group)
@@ -315,6 +335,9 @@ class DivergenceDiagnosis:
             applied by `examples/run_train.py`, which stops there).
         latent_magnitude (`float`, *optional*): the largest latent magnitude (`inf` for NaN / Inf latents).
         max_latent_magnitude (`float`): the limit it was compared with.
+        latent_codebook_ratio (`float`, *optional*): the largest latent magnitude over the codebook's largest
+            coordinate magnitude.
+        max_latent_codebook_ratio (`float`): the limit that ratio was compared with.
     """
 
     diverged: bool
@@ -322,16 +345,20 @@ class DivergenceDiagnosis:
     step: int | None = None
     latent_magnitude: float | None = None
     max_latent_magnitude: float = MAX_TRAINING_LATENT_MAGNITUDE
+    latent_codebook_ratio: float | None = None
+    max_latent_codebook_ratio: float = MAX_LATENT_CODEBOOK_RATIO
 
     def to_dict(self) -> dict:
         """The flags and numbers for `metrics.json`: `diverged`, `divergence_reasons` and, for a diverged run,
-        `diverged_at_step` and `divergence_latent_magnitude` (a string for Inf, which JSON cannot hold)."""
+        `diverged_at_step`, `divergence_latent_magnitude` and `divergence_latent_codebook_ratio` (strings for Inf,
+        which JSON cannot hold)."""
         out = {"diverged": self.diverged, "divergence_reasons": list(self.reasons)}
         if self.diverged:
             out["diverged_at_step"] = self.step
-            if self.latent_magnitude is not None:
-                out["divergence_latent_magnitude"] = (self.latent_magnitude if math.isfinite(self.latent_magnitude)
-                                                      else str(self.latent_magnitude))
+            for key, value in (("divergence_latent_magnitude", self.latent_magnitude),
+                               ("divergence_latent_codebook_ratio", self.latent_codebook_ratio)):
+                if value is not None:
+                    out[key] = value if math.isfinite(value) else str(value)
         return out
 
     def message(self) -> str:
@@ -345,7 +372,8 @@ class DivergenceDiagnosis:
 
 def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None = None, step: int | None = None,
                         max_latent_magnitude: float = MAX_TRAINING_LATENT_MAGNITUDE,
-                        forward_failed: bool = False) -> DivergenceDiagnosis:
+                        forward_failed: bool = False, latent_codebook_ratio: float | None = None,
+                        max_latent_codebook_ratio: float = MAX_LATENT_CODEBOOK_RATIO) -> DivergenceDiagnosis:
     """Decide whether a training step diverged.
 
     Args:
@@ -357,9 +385,14 @@ def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None
             `0` or `inf` checks the loss only.
         forward_failed (`bool`, defaults to `False`): the forward pass raised on a process (the model refused
             latents that are NaN, Inf or beyond `optvq_hf.validation.MAX_FEATURE_MAGNITUDE`).
+        latent_codebook_ratio (`float`, *optional*): the largest latent magnitude over the codebook's largest
+            coordinate magnitude (over every process); not checked when not given (or 0).
+        max_latent_codebook_ratio (`float`, defaults to `MAX_LATENT_CODEBOOK_RATIO` = 10): diverged beyond it; `0`
+            or `inf` turns this check off.
 
     A [`divergence_signal`] (reduced over processes) `signal` gives the arguments:
-    `diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2)`.
+    `diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2,
+    latent_codebook_ratio=signal[2])`.
     """
     reasons = []
     if forward_failed:
@@ -368,10 +401,22 @@ def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None
         reasons.append("The training loss is NaN or Inf.")
     if latent_magnitude is not None and math.isnan(latent_magnitude):
         latent_magnitude = math.inf
-    if latent_magnitude is not None and 0 < max_latent_magnitude < latent_magnitude and not forward_failed:
+    too_large = latent_magnitude is not None and 0 < max_latent_magnitude < latent_magnitude and not forward_failed
+    if too_large:
         reasons.append(
             f"The encoder's latents reached a magnitude of {latent_magnitude:.3g} (limit {max_latent_magnitude:.3g}; "
             "healthy runs stay within about 1 to 100): they grow without bound, usually a learning rate too high "
             "for this model or a quantization loss that does not pull the latents to their codes (`\"ce\"`).")
+    if latent_codebook_ratio is not None and math.isnan(latent_codebook_ratio):
+        latent_codebook_ratio = math.inf
+    if (latent_codebook_ratio is not None and 0 < max_latent_codebook_ratio < latent_codebook_ratio
+            and not forward_failed and not too_large):  # one reason for the latents: the stronger one
+        reasons.append(
+            f"The encoder's latents reached {latent_codebook_ratio:.3g} times the codebook's largest coordinate "
+            f"(limit {max_latent_codebook_ratio:.3g}; healthy runs stay within about 2): they left the region the codes "
+            "cover, so each is assigned by its direction alone to a code at the codebook's edge, and nothing "
+            "pulls them back. Usually a learning rate too high for this model or a quantization loss that does not pull the "
+            "latents to their codes (`\"ce\"`).")
     return DivergenceDiagnosis(diverged=bool(reasons), reasons=reasons, step=step, latent_magnitude=latent_magnitude,
-                               max_latent_magnitude=max_latent_magnitude)
+                               max_latent_magnitude=max_latent_magnitude, latent_codebook_ratio=latent_codebook_ratio,
+                               max_latent_codebook_ratio=max_latent_codebook_ratio)
