@@ -263,10 +263,15 @@ def eval_command(args, name: str, model_dir: str, output_dir: str) -> list[str]:
     return command
 
 
-def read_curves(train_dir: str, start_time: float | None = None) -> list[dict]:
+EVAL_SCALARS = (("eval/psnr", "psnr"), ("eval/codebook_usage", "codebook_usage"), ("eval/perplexity", "perplexity"))
+TRAIN_SCALARS = (("train/codebook_usage", "codebook_usage"),)
+
+
+def read_curves(train_dir: str, start_time: float | None = None, scalars=EVAL_SCALARS) -> list[dict]:
     """Test PSNR and code usage of run_train's periodic evaluations (TensorBoard `eval/psnr`,
     `eval/codebook_usage`), each with its step and its wall time in seconds after `start_time` (default: the
-    first event of the run)."""
+    first event of the run). `scalars=TRAIN_SCALARS`: the code usage of the training batches of each logging window
+    instead (`train/codebook_usage`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points: dict[int, dict] = {}
@@ -278,8 +283,7 @@ def read_curves(train_dir: str, start_time: float | None = None) -> list[dict]:
         for tag in tags:
             for event in accumulator.Scalars(tag):
                 first = event.wall_time if first is None else min(first, event.wall_time)
-        for tag, key in (("eval/psnr", "psnr"), ("eval/codebook_usage", "codebook_usage"),
-                         ("eval/perplexity", "perplexity")):
+        for tag, key in scalars:
             if tag in tags:
                 for event in accumulator.Scalars(tag):
                     point = points.setdefault(event.step, {"step": event.step})
@@ -287,27 +291,37 @@ def read_curves(train_dir: str, start_time: float | None = None) -> list[dict]:
                     point["wall_time"] = event.wall_time
     origin = start_time if start_time is not None else first
     curve = [dict(point, seconds=point["wall_time"] - origin) for _, point in sorted(points.items())]
-    return [point for point in curve if "psnr" in point]
+    return [point for point in curve if scalars[0][1] in point]
 
 
-def plot_curves(curves: dict, path: str, target: float | None = None):
+def plot_curves(curves: dict, path: str, target: float | None = None, training_usage: dict | None = None):
+    """Test PSNR and code usage against wall time (`curves`: name -> points of [`read_curves`]); with
+    `training_usage` (name -> points of `read_curves(..., scalars=TRAIN_SCALARS)`), the training batches' code usage
+    as a thin line of the same colour in the usage panel (a run stopped before its first evaluation has a curve
+    there too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, curve in curves.items():
+    for index, name in enumerate(curves):
+        curve, color = curves[name], f"C{index}"
+        training = (training_usage or {}).get(name) or []
+        if training:
+            axes[1].plot([p["seconds"] / 60 for p in training], [100 * p["codebook_usage"] for p in training],
+                         color=color, linewidth=0.8, alpha=0.6, label=f"{QUANTIZERS[name][1]} (training batches)")
         if not curve:
             continue
         minutes = [p["seconds"] / 60 for p in curve]
-        axes[0].plot(minutes, [p["psnr"] for p in curve], marker="o", label=QUANTIZERS[name][1])
-        axes[1].plot(minutes, [100 * p.get("codebook_usage", float("nan")) for p in curve], marker="o",
+        axes[0].plot(minutes, [p["psnr"] for p in curve], marker="o", color=color, label=QUANTIZERS[name][1])
+        axes[1].plot(minutes, [100 * p.get("codebook_usage", float("nan")) for p in curve], marker="o", color=color,
                      label=QUANTIZERS[name][1])
     if target is not None:
         axes[0].axhline(target, color="gray", linestyle="--", linewidth=1, label=f"paper OptVQ ({target} dB)")
     axes[0].set(xlabel="wall time (min)", ylabel="test PSNR (dB)", title="MNIST reconstruction")
-    axes[1].set(xlabel="wall time (min)", ylabel="code usage (%)", title="codebook usage (test)", ylim=(-2, 102))
+    axes[1].set(xlabel="wall time (min)", ylabel="code usage (%)", title="codebook usage (test; lines: training)",
+                ylim=(-2, 102))
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
@@ -409,7 +423,8 @@ def write_docs(results: dict, args, table: str, command: str, plot_name: str, ma
         ]
     curve_text = ("periodic evaluations of run_train on the first "
                   f"{settings.get('validation_eval_samples') or settings['max_eval_samples'] or 10000} test digits, "
-                  "and run_eval's score on the whole split at the end of training")
+                  "and run_eval's score on the whole split at the end of training (markers); the thin lines are the "
+                  "code usage of the training batches of each logging window")
     lines += [f"![test PSNR and code usage against wall time]({plot_name})", "",
               f"Curves: {curve_text}; time counts from the launch of the training command (start-up, data "
               f"loading and codebook initialization included).", ""]
@@ -447,7 +462,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     settings = args.settings
     machine = machine_description()
-    results, curves, commands = {}, {}, {}
+    results, curves, training_usage, commands = {}, {}, {}, {}
     for name in args.quantizer_list:
         train_dir = os.path.join(args.output_dir, name)
         eval_dir = os.path.join(args.output_dir, f"{name}-eval")
@@ -488,12 +503,14 @@ def main(argv=None) -> dict:
         else:
             print(f"{name}: {results[name]['verdict']}, no score (its weights could not be evaluated)", flush=True)
         curves[name] = curve
+        training_usage[name] = read_curves(train_dir, timing["launch_time"], scalars=TRAIN_SCALARS)
     table = render_table(results, args.budget)
     plot_path = os.path.join(args.output_dir, "table2_curves.png")
-    plot_curves(curves, plot_path, target=PAPER["optvq"][0] if args.budget == "paper" else None)
+    plot_curves(curves, plot_path, target=PAPER["optvq"][0] if args.budget == "paper" else None,
+                training_usage=training_usage)
     with open(os.path.join(args.output_dir, "table2.json"), "w") as handle:
         json.dump({"budget": args.budget, "settings": settings, "machine": machine, "commands": commands,
-                   "results": results, "curves": curves}, handle, indent=2)
+                   "results": results, "curves": curves, "training_usage": training_usage}, handle, indent=2)
     with open(os.path.join(args.output_dir, "table2.md"), "w") as handle:
         handle.write(table + "\n")
     print(table)

@@ -220,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max_latent_codebook_ratio", type=float, default=MAX_LATENT_CODEBOOK_RATIO,
                        help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the "
                             "encoder's largest latent exceeds this many times the codebook's largest coordinate: the "
-                            "latents left the region the codes cover (healthy runs: within about 2; 0 turns it off).")
+                            "latents left the region the codes cover (healthy runs: within about 3; 0 turns it off).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)

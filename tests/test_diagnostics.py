@@ -160,31 +160,32 @@ def test_divergence_signal_and_verdict():
 
 def test_latents_far_outside_the_codebook_are_a_divergence():
     """The third number of the signal: the largest latent over the codebook's largest coordinate (by hand below), and
-    the verdict beyond `MAX_LATENT_CODEBOOK_RATIO` (10) times; a magnitude past 1e6 gives its own reason instead."""
+    the verdict beyond `MAX_LATENT_CODEBOOK_RATIO` (100) times; a magnitude past 1e6 gives its own reason instead."""
     from optvq_hf.training import MAX_LATENT_CODEBOOK_RATIO, diagnose_divergence, divergence_signal
 
     latents = torch.tensor([[1.0, -7.0], [3.0, 2.0]])
-    codebook = torch.tensor([[0.5, -0.25], [0.0, 0.125]])   # largest coordinate 0.5: ratio 14
-    assert divergence_signal(torch.tensor(0.5), latents, codebook=codebook).tolist() == [0.0, 7.0, 14.0]
+    codebook = torch.tensor([[0.0625, -0.03125], [0.0, 0.015625]])   # largest coordinate 1/16: ratio 112
+    assert divergence_signal(torch.tensor(0.5), latents, codebook=codebook).tolist() == [0.0, 7.0, 112.0]
     assert divergence_signal(torch.tensor(0.5), latents, codebook=torch.zeros(2, 2)).tolist() == [0.0, 7.0, 0.0]
     assert divergence_signal(torch.tensor(0.5), latents.new_tensor([float("nan")]),
                              codebook=codebook).tolist() == [0.0, math.inf, math.inf]
     assert divergence_signal(torch.tensor(0.5), None, codebook=codebook).tolist() == [0.0, 0.0, 0.0]
 
-    assert MAX_LATENT_CODEBOOK_RATIO == 10.0
-    assert not diagnose_divergence(True, 7.0, step=3, latent_codebook_ratio=10.0).diverged  # at the limit: healthy
-    outside = diagnose_divergence(True, 7.0, step=3, latent_codebook_ratio=14.0)
-    assert outside.diverged and len(outside.reasons) == 1 and "14 times the codebook's largest" in outside.reasons[0]
+    assert MAX_LATENT_CODEBOOK_RATIO == 100.0
+    assert not diagnose_divergence(True, 7.0, step=3, latent_codebook_ratio=100.0).diverged  # at the limit: healthy
+    outside = diagnose_divergence(True, 7.0, step=3, latent_codebook_ratio=112.0)
+    assert outside.diverged and len(outside.reasons) == 1 and "112 times the codebook's largest" in outside.reasons[0]
     assert outside.to_dict() == {"diverged": True, "divergence_reasons": outside.reasons, "diverged_at_step": 3,
-                                 "divergence_latent_magnitude": 7.0, "divergence_latent_codebook_ratio": 14.0}
-    assert not diagnose_divergence(True, 7.0, latent_codebook_ratio=14.0, max_latent_codebook_ratio=20).diverged
+                                 "divergence_latent_magnitude": 7.0, "divergence_latent_codebook_ratio": 112.0}
+    assert not diagnose_divergence(True, 7.0, latent_codebook_ratio=112.0, max_latent_codebook_ratio=200).diverged
+    assert diagnose_divergence(True, 7.0, latent_codebook_ratio=14.0, max_latent_codebook_ratio=10).diverged
     assert not diagnose_divergence(True, 7.0, latent_codebook_ratio=1e9, max_latent_codebook_ratio=0).diverged
     assert not diagnose_divergence(True, 7.0, latent_codebook_ratio=0.0).diverged  # no codebook: not checked
     assert diagnose_divergence(True, 7.0, latent_codebook_ratio=float("nan")).to_dict()[
         "divergence_latent_codebook_ratio"] == "inf"
     both = diagnose_divergence(True, 2e6, step=5, latent_codebook_ratio=1e5)
     assert len(both.reasons) == 1 and "magnitude of 2e+06" in both.reasons[0]
-    nan_loss = diagnose_divergence(False, 7.0, step=5, latent_codebook_ratio=14.0)
+    nan_loss = diagnose_divergence(False, 7.0, step=5, latent_codebook_ratio=112.0)
     assert len(nan_loss.reasons) == 2 and "NaN" in nan_loss.reasons[0] and "codebook" in nan_loss.reasons[1]
     failed = diagnose_divergence(False, math.inf, forward_failed=True, latent_codebook_ratio=math.inf)
     assert len(failed.reasons) == 1 and failed.reasons[0].startswith("The model refused")

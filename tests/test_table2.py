@@ -81,6 +81,10 @@ def test_table2_paper_budget_end_to_end_on_tiny_data(tmp_path):
     for curve in saved["curves"].values():
         assert [p["step"] for p in curve] == [2, 4]  # a periodic evaluation, then run_eval's score at the end
         assert curve[-1]["final"] and 0 < curve[0]["seconds"] <= curve[1]["seconds"]
+    # the training batches' code usage of each logging window (every 10 steps, and the last step)
+    (training,) = saved["training_usage"].values()
+    assert [p["step"] for p in training] == [4] and 0 < training[0]["codebook_usage"] <= 1
+    assert training[0]["seconds"] > 0
     assert (docs / "table2_curves_paper.png").stat().st_size > 0
     text = (docs / "benchmarks.md").read_text()
     title = table2.SECTION_TITLES["paper"]
@@ -175,3 +179,48 @@ def test_vq_latent_growth_probe_runs_and_reports_each_step(tmp_path):
     for record in records:
         assert math.isfinite(record["latent_max"]) and record["latent_max"] >= record["latent_rms"] > 0
         assert 1 <= record["codes_used"] <= 32 and record["codebook_rms"] > 0 and len(record["encoder_conv_norms"]) > 1
+
+
+def test_score_checkpoints_scores_each_checkpoint_as_run_train_scores_its_model(tmp_path):
+    """benchmarks/score_checkpoints.py (the per-checkpoint evidence of docs/training.md, "Reproducing Table 2"): one
+    record per checkpoint and one for the final model, whose PSNR and code usage are run_train's final evaluation of
+    the same weights on the same test images; the latent-to-codebook ratio is run_train's divergence number, and
+    latents blown far outside the codebook are assigned by direction alone."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training_helpers import tiny_args
+
+    spec = importlib.util.spec_from_file_location("score_checkpoints",
+                                                  os.path.join(ROOT, "benchmarks", "score_checkpoints.py"))
+    scorer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorer)
+    data = write_tiny_dataset(str(tmp_path / "data"), num_train=24, num_test=6, corrupt=0)
+    run = str(tmp_path / "run")
+    metrics = run_train.main(tiny_args(data, run, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                       "--learning_rate", "1e-4"))
+    records = scorer.main(["--run_dir", run, "--dataset_name", data, "--batch_size", "4"])
+    assert [record["step"] for record in records] == [1, 2, "final"]
+    final = records[-1]
+    assert final["psnr"] == pytest.approx(metrics["psnr"], abs=1e-4)
+    assert final["codebook_usage"] == metrics["codebook_usage"] and final["num_images"] == 6
+    assert final["collapsed"] == metrics["collapsed"] and final["mean_image_psnr"] == pytest.approx(
+        metrics["mean_image_psnr"])
+    # step 2's weights are the final model's
+    assert {k: v for k, v in records[1].items() if k != "step"} == {k: v for k, v in final.items() if k != "step"}
+    assert 0 < final["latent_codebook_ratio"] < 3 and 0 <= final["direction_only_share"] < 1
+    # latents blown up 1e4 times (the quantizer's input convolution scaled): far outside the codebook, every row's
+    # nearest code is its direction's
+    weights = load_file(os.path.join(run, "model.safetensors"))
+    for name in ("quant_conv.weight", "quant_conv.bias"):
+        weights[name] = weights[name] * 1e4
+    blown = tmp_path / "blown"
+    os.makedirs(blown)
+    save_file(weights, str(blown / "model.safetensors"))
+    for name in ("config.json", "preprocessor_config.json"):
+        with open(os.path.join(run, name)) as source, open(blown / name, "w") as target:
+            target.write(source.read())
+    (record,) = scorer.main(["--run_dir", str(blown), "--dataset_name", data])
+    assert record["latent_codebook_ratio"] == pytest.approx(1e4 * final["latent_codebook_ratio"], rel=1e-3)
+    assert record["direction_only_share"] == 1.0
+    assert torch.isfinite(torch.tensor(record["psnr"]))

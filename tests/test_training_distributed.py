@@ -48,12 +48,17 @@ def test_running_means_average_every_value_of_every_process(results):
 
 
 def test_divergence_seen_by_one_rank_is_the_verdict_of_every_rank(results):
-    """The per-step divergence signal is reduced with a max, so a rank that sees NaN latents, an Inf loss or a failed
-    forward pass stops every rank at the same step (a rank stopping alone would hang the others in a collective)."""
+    """The per-step divergence signal is reduced with a max, so a rank that sees NaN latents, an Inf loss, a failed
+    forward pass or latents far outside the codebook stops every rank at the same step (a rank stopping alone would hang the others in a collective)."""
     on_rank0, on_rank1 = results["divergence"]
     assert on_rank0 == on_rank1
-    (healthy, _, _), (nan_latents, *nan_verdict), (inf_loss, *inf_verdict), (failed, *failed_verdict) = on_rank0
-    assert healthy == [0.0, 3.0] and not on_rank0[0][1]  # the larger of the two ranks' latents
-    assert nan_latents == [0.0, float("inf")] and nan_verdict[0] and "magnitude of inf" in nan_verdict[1][0]
-    assert inf_loss == [1.0, 1.0] and inf_verdict == [True, ["The training loss is NaN or Inf."]]
-    assert failed == [2.0, float("inf")] and failed_verdict[0] and "refused the latents" in failed_verdict[1][0]
+    (healthy, _, _), (nan_latents, *nan_verdict), (inf_loss, *inf_verdict), (failed, *failed_verdict), \
+        (outside, *outside_verdict) = on_rank0
+    assert healthy == [0.0, 3.0, 6.0] and not on_rank0[0][1]  # the larger of the two ranks' latents, over 0.5
+    assert nan_latents == [0.0, float("inf"), float("inf")] and nan_verdict[0]
+    assert len(nan_verdict[1]) == 1 and "magnitude of inf" in nan_verdict[1][0]
+    assert inf_loss == [1.0, 1.0, 2.0] and inf_verdict == [True, ["The training loss is NaN or Inf."]]
+    assert failed == [2.0, float("inf"), float("inf")] and failed_verdict[0]
+    assert len(failed_verdict[1]) == 1 and "refused the latents" in failed_verdict[1][0]
+    assert outside == [0.0, 60.0, 120.0] and outside_verdict[0]  # rank 0's ratio, on both ranks
+    assert len(outside_verdict[1]) == 1 and "120 times the codebook's largest coordinate" in outside_verdict[1][0]

@@ -105,7 +105,7 @@ def test_fail_on_collapse_keeps_exit_status_zero_for_a_healthy_run(tiny_data, tm
 
 
 
-# lr 1 x batch 8, warmed up linearly over 30 steps: the latents leave the codebook's region (10 times its largest
+# lr 1 x batch 8, warmed up linearly over 30 steps: the latents leave the codebook's region (100 times its largest
 # coordinate) within a few steps (step 3 here) and pass 1e6 within the first 10 (step 6 here, with that check alone;
 # the tiny model's trajectory is erratic, so the checks below hold for whichever step it is). Evaluations and
 # checkpoints every step, the last 2 kept: the last ones before the divergence must survive it.
@@ -123,7 +123,7 @@ def _check_diverged_outputs(output: str, metrics: dict, by_magnitude: bool = Fal
         assert metrics["divergence_latent_magnitude"] > 1e6
         assert any("latents reached a magnitude" in reason for reason in metrics["divergence_reasons"])
     else:
-        assert 10 < metrics["divergence_latent_codebook_ratio"] and metrics["divergence_latent_magnitude"] < 1e6
+        assert 100 < metrics["divergence_latent_codebook_ratio"] and metrics["divergence_latent_magnitude"] < 1e6
         assert any("times the codebook's largest coordinate" in reason for reason in metrics["divergence_reasons"])
     assert metrics["last_eval"]["step"] == step - 1 and math.isfinite(metrics["last_eval"]["psnr"])
     assert metrics["final_model_saved"] is True
@@ -203,7 +203,7 @@ def test_two_processes_stop_together_when_the_run_diverges(tiny_data, tmp_path):
     assert metrics["num_processes"] == 2
     assert metrics["diverged"] is True and metrics["final_model_saved"] is True
     assert metrics["global_step"] == metrics["diverged_at_step"] - 1 >= 1
-    assert metrics["divergence_latent_codebook_ratio"] > 10  # the ratio's maximum over both ranks
+    assert metrics["divergence_latent_codebook_ratio"] > 100  # the ratio's maximum over both ranks
     assert os.path.isfile(os.path.join(output, "model.safetensors"))
     assert "training FAILED: the run DIVERGED" in completed.stdout
 

@@ -67,16 +67,20 @@ if rank == 0:
     result["means"] = gathered
 
 # Divergence: only one rank sees it (step 1: rank 1's latents are NaN; step 2: rank 0's loss is Inf; step 3: rank 1's
-# forward failed); the reduced signal gives every rank the same verdict. Step 0: both healthy.
+# forward failed; step 4: rank 0's latents are 120 times the codebook's largest coordinate, rank 1's 2 times); the
+# reduced signal gives every rank the same verdict. Step 0: both healthy. The codebook is the same on both ranks.
+codebook = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
 verdicts = []
 for step, (loss, latents) in enumerate([
     (torch.tensor(1.0), torch.full((2, 3), 2.0 + rank)),
     (torch.tensor(1.0), torch.full((2, 3), float("nan") if rank == 1 else 5.0)),
     (torch.tensor(float("inf") if rank == 0 else 1.0), torch.ones(2, 3)),
     (None if rank == 1 else torch.tensor(1.0), None if rank == 1 else torch.ones(2, 3)),
+    (torch.tensor(1.0), torch.full((2, 3), 60.0 if rank == 0 else 1.0)),
 ]):
-    signal = reduce_divergence_signal(divergence_signal(loss, latents)).tolist()
-    verdict = diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2)
+    signal = reduce_divergence_signal(divergence_signal(loss, latents, codebook=codebook)).tolist()
+    verdict = diagnose_divergence(signal[0] == 0, signal[1], step, forward_failed=signal[0] == 2,
+                                  latent_codebook_ratio=signal[2])
     verdicts.append([signal, verdict.diverged, verdict.reasons])
 gathered = [None] * world
 dist.all_gather_object(gathered, verdicts)

@@ -16,8 +16,9 @@ the spread during evaluation with [`ReconstructionSpread`] (reducible over proce
 A run can also *diverge*: its loss turns NaN / Inf, or its encoder's latents grow without bound (a plain-VQ model
 trained with the `"ce"` quantization loss does: nothing pulls the latents back to their codes, see docs/training.md,
 "Reproducing Table 2"). Latents that leave the region the codebook covers by a wide margin (more than
-`MAX_LATENT_CODEBOOK_RATIO` times its largest coordinate) are the first sign: from there every latent is assigned by
-its direction alone to a code on the codebook's edge, and its growth has no end. That is checked on every training
+`MAX_LATENT_CODEBOOK_RATIO` times its largest coordinate) show it long before float32's limit: from there nearly
+every latent is assigned by its direction alone to a code on the codebook's edge, and nothing pulls it back. That is
+checked on every training
 step, before the update is applied: [`divergence_signal`] packs the numbers into one small tensor (no host
 synchronization), [`reduce_divergence_signal`] takes their maximum over processes (one tiny all-reduce, so every rank
 reaches the same verdict at the same step and they stop together), and [`diagnose_divergence`] turns them into a
@@ -64,11 +65,12 @@ MIN_CODES_USED = 4
 MAX_TRAINING_LATENT_MAGNITUDE = 1e6
 #: Latents whose largest coordinate exceeds this many times the codebook's largest coordinate mark a training run as
 #: diverged: they have left the region the codes cover, so nearest-code assignment depends on their direction alone
-#: (each lands on a code at the codebook's edge) and the quantized latent no longer follows the latent. Healthy runs
-#: stay within about 2 (the trained `optvq-mnist` 1.3; a collapsed VQ run whose used codes moved out with its latents
-#: 1.8); the `"ce"` VQ baseline of docs/training.md, "Reproducing Table 2", passes 10 about 40 steps before float32's
-#: limit above, and never comes back.
-MAX_LATENT_CODEBOOK_RATIO = 10.0
+#: (each lands on a code at the codebook's edge: 99 % of them at this ratio in the run below) and the quantized
+#: latent no longer follows the latent. Healthy runs measured stay within 3.2 (OT-VAE at the Table 2 recipe's peak
+#: learning rate; OptVQ, VQ with the `"l2"` loss and `make demo` within 1.9; a collapsed VQ run whose used codes moved
+#: out with its latents 1.8), so the limit keeps a 30x margin; the `"ce"` VQ baseline of docs/training.md,
+#: "Reproducing Table 2", passes it 37 steps before float32's limit above, and never comes back.
+MAX_LATENT_CODEBOOK_RATIO = 100.0
 
 
 def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -387,7 +389,7 @@ def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None
             latents that are NaN, Inf or beyond `optvq_hf.validation.MAX_FEATURE_MAGNITUDE`).
         latent_codebook_ratio (`float`, *optional*): the largest latent magnitude over the codebook's largest
             coordinate magnitude (over every process); not checked when not given (or 0).
-        max_latent_codebook_ratio (`float`, defaults to `MAX_LATENT_CODEBOOK_RATIO` = 10): diverged beyond it; `0`
+        max_latent_codebook_ratio (`float`, defaults to `MAX_LATENT_CODEBOOK_RATIO` = 100): diverged beyond it; `0`
             or `inf` turns this check off.
 
     A [`divergence_signal`] (reduced over processes) `signal` gives the arguments:
@@ -413,7 +415,7 @@ def diagnose_divergence(loss_finite: bool = True, latent_magnitude: float | None
             and not forward_failed and not too_large):  # one reason for the latents: the stronger one
         reasons.append(
             f"The encoder's latents reached {latent_codebook_ratio:.3g} times the codebook's largest coordinate "
-            f"(limit {max_latent_codebook_ratio:.3g}; healthy runs stay within about 2): they left the region the codes "
+            f"(limit {max_latent_codebook_ratio:.3g}; healthy runs stay within about 3): they left the region the codes "
             "cover, so each is assigned by its direction alone to a code at the codebook's edge, and nothing "
             "pulls them back. Usually a learning rate too high for this model or a quantization loss that does not pull the "
             "latents to their codes (`\"ce\"`).")
