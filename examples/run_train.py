@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "reported in the log, the summary and metrics.json (`collapsed`).")
     group.add_argument("--max_latent_magnitude", type=float, default=MAX_TRAINING_LATENT_MAGNITUDE,
                        help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the loss is "
-                            "NaN / Inf or the encoder's latents exceed this magnitude (0 checks the loss only).")
+                            "NaN / Inf or the encoder's latents exceed this magnitude (0 turns this check off).")
     group.add_argument("--max_latent_codebook_ratio", type=float, default=MAX_LATENT_CODEBOOK_RATIO,
                        help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the "
                             "encoder's largest latent exceeds this many times the codebook's largest coordinate: the "
@@ -597,6 +597,7 @@ def train(args: argparse.Namespace) -> dict:
     skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
     steps_this_run, micro_step, last_metrics, stopped_early = 0, 0, {}, False
     divergence, latent_magnitude, last_eval = diagnose_divergence(), None, None  # verdict of the latest step
+    latent_codebook_ratio = None
     postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     resume_batches = args.gradient_accumulation_steps * (global_step % steps_per_epoch if steps_per_epoch else
@@ -639,7 +640,7 @@ def train(args: argparse.Namespace) -> dict:
                         discriminator=bare_discriminator)
                     if bare_discriminator is not None:
                         bare_discriminator.requires_grad_(True)
-                # Divergence check before the update: two numbers, their maximum over processes, so that every rank
+                # Divergence check before the update: three numbers, their maximum over processes, so that every rank
                 # stops at the same step (a rank that stopped alone would leave the others waiting in a collective).
                 with torch.no_grad():  # the codes in use: the same on every process
                     codebook = unwrapped.quantizer.codebook
