@@ -220,7 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max_latent_codebook_ratio", type=float, default=MAX_LATENT_CODEBOOK_RATIO,
                        help="Divergence check on every step: the run stops as DIVERGED (exit status 4) when the "
                             "encoder's largest latent exceeds this many times the codebook's largest coordinate: the "
-                            "latents left the region the codes cover (healthy runs: within about 3; 0 turns it off).")
+                            "latents left the region the codes cover (healthy runs: within about 3; 0 turns it off). It "
+                            "starts at the first step whose latents are within the limit (a codebook initialized far "
+                            "smaller than the latents is not a divergence).")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output_dir name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -597,7 +599,10 @@ def train(args: argparse.Namespace) -> dict:
     skipped_on_the_fly = 0  # unreadable images met while iterating (this process); cached ones were counted once
     steps_this_run, micro_step, last_metrics, stopped_early = 0, 0, {}, False
     divergence, latent_magnitude, last_eval = diagnose_divergence(), None, None  # verdict of the latest step
-    latent_codebook_ratio = None
+    # The latents-to-codebook check starts once the latents have been within its limit: a run whose codebook starts
+    # far smaller than its latents (taming's uniform(-1/K, 1/K), a user's own initialization) is outside the codes'
+    # region from step 1 although its codes move to the latents; until they have, only the absolute limit applies.
+    latent_codebook_ratio, codebook_check_armed = None, False
     postfix, health = {}, {}  # progress bar: training numbers, verdict of the latest evaluation
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     resume_batches = args.gradient_accumulation_steps * (global_step % steps_per_epoch if steps_per_epoch else
@@ -648,10 +653,12 @@ def train(args: argparse.Namespace) -> dict:
                     losses.loss if output is not None else None, output.latents if output is not None else None,
                     device=accelerator.device, codebook=codebook)).tolist()
                 latent_magnitude, latent_codebook_ratio = signal[1], signal[2]
+                codebook_check_armed = codebook_check_armed or latent_codebook_ratio <= args.max_latent_codebook_ratio
                 divergence = diagnose_divergence(signal[0] == 0, latent_magnitude, global_step + 1,
                                                  args.max_latent_magnitude, forward_failed=signal[0] == 2,
                                                  latent_codebook_ratio=latent_codebook_ratio,
-                                                 max_latent_codebook_ratio=args.max_latent_codebook_ratio)
+                                                 max_latent_codebook_ratio=(args.max_latent_codebook_ratio
+                                                                            if codebook_check_armed else 0))
                 if divergence.diverged:
                     break
                 backward_and_step(accelerator, losses.loss, model, optimizer, args.max_grad_norm)

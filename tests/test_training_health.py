@@ -166,6 +166,32 @@ def test_latents_past_float32s_limit_end_the_run_when_the_codebook_check_is_off(
         assert json.load(handle)["diverged_at_step"] == step
 
 
+@pytest.mark.parametrize("preset, overrides", [("optvq-mnist", {}), ("vq-mnist", {"quantization_loss": "l2"})])
+def test_a_codebook_that_starts_far_smaller_than_its_latents_is_not_a_divergence(tiny_data, tmp_path, preset,
+                                                                                 overrides):
+    """A codebook initialized at 1e-3 of its usual scale (as taming's uniform(-1/K, 1/K) is) puts the latents ~600
+    times beyond its largest coordinate at step 1, although the quantization loss pulls the codes to the latents: the
+    codebook check starts only once the latents have been within its limit, so this run trains to the end, healthy,
+    while the absolute limit still guards it."""
+    from optvq_hf import OptVQConfig, OptVQModel
+    from training_helpers import TINY_OVERRIDES
+
+    sizes = {key: int(value) for key, value in (item.split("=") for item in TINY_OVERRIDES.split(","))}
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig.from_preset(preset, **sizes, **overrides))
+    model.quantizer.set_codebook(model.quantizer.codebook.detach() * 1e-3)
+    with torch.no_grad():
+        latents = model.encode(torch.rand(2, 1, 16, 16) * 2 - 1, return_dict=True).latents
+    assert latents.abs().max() > 100 * model.quantizer.codebook.abs().max()  # outside the limit from the start
+    pretrained = str(tmp_path / "small-codebook")
+    model.save_pretrained(pretrained)
+    args = tiny_args(tiny_data, str(tmp_path / "run"), "--max_train_steps", "12", "--learning_rate", "3e-4")
+    args[args.index("--model_config_name_or_path") + 1] = pretrained
+    del args[args.index("--config_overrides"):args.index("--config_overrides") + 2]
+    metrics = run_train.main(args)
+    assert metrics["diverged"] is False and metrics["global_step"] == 12 and math.isfinite(metrics["psnr"])
+
+
 def test_weights_that_break_the_forward_pass_end_the_run_as_diverged_without_saving_them(tiny_data, tmp_path):
     """lr 10 x batch 8: one update takes the latents past what the quantizer accepts (1e15); the forward pass's
     ValueError becomes the verdict instead of a traceback. The kept weights are finite, but their latents are beyond
