@@ -127,3 +127,12 @@ def test_a_statement_mutant_selects_the_tests_of_the_lines_that_use_its_names(to
     # SCALE is used by DOUBLE (line 2, at import only) and by inner (line 7)
     assert lines == {7}
     assert tool.statement_lines(SOURCE, _mutant(tool, b"offset=1", "offset=2", None)) == {6, 7, 8}
+
+
+def test_a_class_attribute_read_through_getattr_selects_the_tests_of_that_line(tool):
+    """`getattr(subclass, "_legacy_optvq_subclass", False)` reads VectorQuantizer's flag by its name in a string:
+    the mutant `True -> False` must run the tests of that line, not count as executed by no test."""
+    source = b'class Legacy:\n    flag = True\n\n\ndef is_legacy(cls):\n    return getattr(cls, "flag", False)\n'
+    start = source.index(b"True")
+    mutant = tool.Mutant("x.py", 2, None, "constant", "True", "False", start, start + 4, 2)
+    assert tool.statement_lines(source, mutant) == {6}

@@ -654,7 +654,7 @@ def statement_lines(source: bytes, mutant: Mutant) -> set[int] | None:
         for node in ast.walk(tree):
             if (isinstance(node, ast.Name) and node.id in names) or (
                 isinstance(node, ast.Attribute) and node.attr in names
-            ):
+            ) or (isinstance(node, ast.Constant) and node.value in names):  # also getattr(x, "name", ...)
                 lines.add(node.lineno)
         import_time = set()
         for top in tree.body:
