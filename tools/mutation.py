@@ -73,7 +73,7 @@ TARGETS = {
         slow=[],
     ),
     "src/optvq_hf/training/losses.py": dict(
-        fast=["tests/test_training.py", "tests/test_metrics.py"],
+        fast=["tests/test_training.py", "tests/test_training_losses.py", "tests/test_metrics.py"],
         slow=[],
     ),
 }
