@@ -69,7 +69,7 @@ TARGETS = {
     ),
     "src/optvq_hf/autoencoder.py": dict(
         fast=["tests/test_modeling.py", "tests/test_core.py", "tests/test_diffusers.py",
-              "tests/test_convert_original.py", "tests/test_processing.py"],
+              "tests/test_convert_original.py", "tests/test_processing.py", "tests/test_autoencoder_edges.py"],
         slow=[],
     ),
     "src/optvq_hf/training/losses.py": dict(
