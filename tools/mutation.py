@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -314,13 +316,22 @@ def generate(path: str) -> list[Mutant]:
     with open(os.path.join(ROOT, path), "rb") as handle:
         source = handle.read()
     collector = _Collector(source, path)
-    collector.visit(ast.parse(source))
+    tree = ast.parse(source)
+    collector.visit(tree)
+    # a mutant is valid Python if its top-level statement (from the start of its first line) still parses: parsing
+    # that statement instead of the whole file for each mutant (top-level statements parse on their own)
+    spans = []
+    for node in tree.body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        spans.append((collector.offsets[first - 1], collector.offsets[node.end_lineno - 1] + node.end_col_offset))
+    starts = [start for start, _ in spans]
     mutants = []
     seen = defaultdict(int)
     for mutant in collector.mutants:
-        mutated = source[: mutant.start] + mutant.replacement.encode() + source[mutant.stop:]
+        start, stop = spans[bisect.bisect_right(starts, mutant.start) - 1]
+        statement = source[start: mutant.start] + mutant.replacement.encode() + source[mutant.stop: stop]
         try:
-            ast.parse(mutated)
+            ast.parse(statement)
         except SyntaxError:
             continue
         base = f"{mutant.file}::{mutant.function or '<module>'}::{mutant.operator}::{' '.join(mutant.original.split())}"
@@ -369,6 +380,12 @@ def _code_units(module_code):
     return units, others
 
 
+@functools.lru_cache(maxsize=8)
+def _pristine_units(pristine: bytes, filename: str):
+    """`_code_units` of the unmutated file, compiled once (every mutant's plan compares against it)."""
+    return _code_units(compile(pristine, filename, "exec", dont_inherit=True))
+
+
 def mutated_source(pristine: bytes, mutant: Mutant) -> bytes:
     return pristine[: mutant.start] + mutant.replacement.encode() + pristine[mutant.stop:]
 
@@ -377,7 +394,7 @@ def patch_plan(pristine: bytes, mutant: Mutant, filename: str) -> tuple[str, lis
     """How a mutant is applied in a process that imported the pristine module: ``("equivalent", [])`` (the same
     bytecode), ``("code", changed function keys)`` (their ``__code__`` replaced), ``("statement", [])`` (a module or
     class level statement re-executed) or ``("fallback", [])`` (a fresh interpreter with the file on disk)."""
-    old_units, old_others = _code_units(compile(pristine, filename, "exec", dont_inherit=True))
+    old_units, old_others = _pristine_units(pristine, filename)
     new_units, new_others = _code_units(compile(mutated_source(pristine, mutant), filename, "exec", dont_inherit=True))
     if set(old_units) != set(new_units) or set(old_others) != set(new_others):
         return "fallback", []
