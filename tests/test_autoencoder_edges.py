@@ -91,3 +91,34 @@ def test_copying_weights_between_architectures_names_the_first_five_keys_of_each
     with pytest.raises(ValueError) as error:
         vqgan._copy_weights_from(small_cnn)
     assert str(error.value) == f"State dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}."
+
+
+def test_a_side_not_divisible_by_the_downsampling_factor_is_refused_alone():
+    model = tiny_model()
+    for height, width in ((16, 15), (15, 16)):
+        with pytest.raises(ValueError, match=f"divisible by the downsampling factor 2, got {height}x{width}"):
+            model.encode(torch.zeros(1, 3, height, width))
+
+
+def test_token_ids_of_another_type_are_named_by_their_type():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="Token ids must be a torch.Tensor, got list"):
+        model.decode_tokens([[[[0]]]])
+    with pytest.raises(ValueError, match="Token ids must be an integer tensor, got dtype torch.float32"):
+        model.decode_tokens(torch.zeros(1, 5, 5))  # a shape no layout accepts: the dtype is named first
+
+
+def test_converted_weights_are_a_copy_in_the_sources_dtypes():
+    """`OptVQVQModel.from_optvq` (lossless, "dtypes and devices kept"): the converted model holds its own copy, in the
+    source's dtypes (here a bf16 decoder); training one front end afterwards leaves the other alone."""
+    model = tiny_model()
+    model.decoder.to(torch.bfloat16)
+    converted = OptVQVQModel.from_optvq(model)
+    assert next(converted.decoder.parameters()).dtype == torch.bfloat16
+    assert converted.quantizer.embedding.weight.dtype == torch.float32
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in converted.state_dict().items())
