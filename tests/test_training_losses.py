@@ -128,6 +128,8 @@ def test_the_adaptive_weight_by_hand_below_one_above_the_cap_and_the_graph_kept(
     weight, rec, gan = _linear_case(1.0, 0.0)  # no generator gradient: 110 / 1e-4, capped
     assert adaptive_gan_weight(rec, gan, weight).item() == 1e4
     assert adaptive_gan_weight(rec, gan, weight, max_weight=50.0).item() == 50.0
+    weight, rec, gan = _linear_case(float("nan"), 1.0)  # a NaN reconstruction gradient: weight 0, not NaN
+    assert adaptive_gan_weight(rec, gan, weight).item() == 0.0
     # the training step back-propagates through both losses afterwards: the graph is still there
     weight, rec, gan = _linear_case(1.0, 1.0)
     factor = adaptive_gan_weight(rec, gan, weight)
@@ -153,7 +155,7 @@ def test_lpips_stays_frozen_and_in_eval_mode():
     and a backward through the perceptual term leaves its parameters without gradient."""
     torch.manual_seed(0)
     lpips = LPIPS()
-    assert not any(p.requires_grad for p in lpips.parameters())
+    assert not any(p.requires_grad for p in lpips.parameters()) and not any(m.training for m in lpips.modules())
     lpips.train()
     assert not any(m.training for m in lpips.modules())
     loss = OptVQLoss(l1_weight=0, l2_weight=0, perceptual_weight=1.0, perceptual_model=lpips)
@@ -176,3 +178,100 @@ def test_bfloat16_images_give_the_float32_loss():
     high = loss.generator_loss(images.float(), reconstructions.float(), quantization.float())
     for name in ("loss", "l1", "l2", "perceptual", "quantization"):
         assert low[name].dtype == torch.float32 and torch.equal(low[name], high[name]), name
+
+
+def test_optvq_loss_defaults_by_hand():
+    """Defaults: L1 and L2 weights 1, LPIPS and GAN off, quantization weight 1."""
+    torch.manual_seed(0)
+    images, reconstructions = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    loss = OptVQLoss()
+    assert loss.perceptual is None and loss.discriminator is None
+    output = loss.generator_loss(images, reconstructions, torch.tensor(0.75))
+    difference = (reconstructions - images).double()
+    expected = difference.abs().mean() + difference.square().mean() + 0.75
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert output.generator.item() == 0.0 and output.generator_weight.item() == 0.0
+    with pytest.raises(ValueError, match="no discriminator"):
+        loss.discriminator_loss(images, reconstructions)
+
+
+def test_a_zero_weight_term_is_neither_computed_nor_reported():
+    torch.manual_seed(0)
+    images, reconstructions = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    for weights, zero in (((0.0, 1.0), "l1"), ((1.0, 0.0), "l2")):
+        output = OptVQLoss(l1_weight=weights[0], l2_weight=weights[1]).generator_loss(images, reconstructions,
+                                                                                       torch.tensor(0.0))
+        assert output[zero].item() == 0.0
+        difference = (reconstructions - images).double()
+        kept = difference.abs().mean() if zero == "l2" else difference.square().mean()
+        assert output.loss.item() == pytest.approx(kept.item(), rel=1e-6)
+
+
+def _gan_setup(disc_start=0):
+    """A last layer (a 3x3 convolution) that makes the reconstructions, and a small GAN loss."""
+    torch.manual_seed(0)
+    last = nn.Conv2d(4, 1, 3, padding=1)
+    features = torch.randn(2, 4, 16, 16)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    loss = OptVQLoss(gan_weight=0.5, disc_start=disc_start, disc_in_channels=1, disc_num_layers=1,
+                     disc_base_channels=4, perceptual_weight=1.0, perceptual_model=LPIPS())
+    return last, features, images, loss
+
+
+def test_the_generator_terms_by_hand_and_every_part_detached():
+    """-mean D(x_rec), the adaptive weight times gan_weight (gradients of this step's reconstruction and generator
+    losses with respect to the last layer, taken here), the total; the output's parts carry no graph."""
+    last, features, images, loss = _gan_setup()
+    reconstructions = last(features)
+    quantization = (last.weight ** 2).sum()  # a quantizer loss with a graph
+    output = loss.generator_loss(images, reconstructions, quantization, last_layer_weight=last.weight)
+    difference = reconstructions - images
+    reconstruction = (difference.abs().mean() + difference.square().mean()
+                      + loss.perceptual(images, reconstructions).mean())
+    generator = -loss.discriminator(reconstructions).mean()
+    rec_grad = torch.autograd.grad(reconstruction, last.weight, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(generator, last.weight, retain_graph=True)[0]
+    weight = 0.5 * rec_grad.norm() / (gen_grad.norm() + 1e-4)
+    torch.testing.assert_close(output.generator, generator.detach())
+    torch.testing.assert_close(output.generator_weight, weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(output.loss, reconstruction + quantization + weight * generator, rtol=1e-5, atol=0)
+    assert output.loss.grad_fn is not None
+    for name in ("l1", "l2", "perceptual", "reconstruction", "quantization", "generator", "generator_weight"):
+        assert output[name].grad_fn is None, name
+
+
+def test_the_discriminator_loss_is_detached_from_the_autoencoder_and_off_before_its_start():
+    last, features, images, loss = _gan_setup(disc_start=1)
+    images.requires_grad_()
+    reconstructions = last(features)
+    before = loss.discriminator_loss(images, reconstructions)  # default step 0 < disc_start
+    assert before.loss.item() == 0.0 and before.discriminator.item() > 0.0
+    after = loss.discriminator_loss(images, reconstructions, global_step=1)
+    with torch.no_grad():
+        real, fake = loss.discriminator(images).double(), loss.discriminator(reconstructions).double()
+    hinge = 0.5 * ((1 - real).clamp_min(0).mean() + (1 + fake).clamp_min(0).mean())
+    assert after.loss.item() == pytest.approx(hinge.item(), rel=1e-5) and after.discriminator.grad_fn is None
+    after.loss.backward()
+    assert images.grad is None and last.weight.grad is None
+    assert all(p.grad is not None for p in loss.discriminator.parameters())
+
+
+def test_the_gan_terms_are_float32_under_autocast_and_for_bfloat16_images():
+    """Under bf16 autocast the discriminator's logits are bf16: the losses are taken on them in float32. bf16
+    images give the losses of their float32 values."""
+    last, features, images, loss = _gan_setup()
+    with torch.no_grad():
+        reconstructions = last(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = loss.discriminator_loss(images, reconstructions)
+        generator = loss.generator_loss(images, reconstructions, torch.tensor(0.0),
+                                        last_layer_weight=last.weight).generator
+        real, fake = loss.discriminator(images), loss.discriminator(reconstructions)
+    assert real.dtype == torch.bfloat16 and output.discriminator.dtype == torch.float32
+    real, fake = real.float(), fake.float()
+    expected = 0.5 * (torch.relu(1.0 - real).mean() + torch.relu(1.0 + fake).mean())
+    torch.testing.assert_close(output.discriminator, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(generator, -fake.mean(), rtol=1e-6, atol=0)
+    low = loss.discriminator_loss(images.bfloat16(), reconstructions.bfloat16())
+    high = loss.discriminator_loss(images.bfloat16().float(), reconstructions.bfloat16().float())
+    assert torch.equal(low.loss, high.loss)
