@@ -262,3 +262,32 @@ def test_auto_caches_up_to_the_dense_limit_and_streams_above_it():
         ids = sinkhorn_assign(features, codebook, dense_limit=dense_limit, workspace=workspace)
         assert torch.equal(ids, expected)
         assert (workspace.buffer is not None) == cached, dense_limit
+
+
+@pytest.mark.parametrize("normalization", ["dim", "none"])
+def test_float64_inputs_are_refused_exactly_outside_two_to_the_60(normalization):
+    """docs/sinkhorn.md: float64 inputs whose largest |entry| lies outside [2^-60, 2^60] are rescaled for "all" and
+    refused for "dim" / "none" (whose distances' scale matters); on the bounds they are the float32 values' result."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(40, 3, generator=generator, dtype=torch.float64) * 0.5
+    codebook = torch.rand(6, 3, generator=generator, dtype=torch.float64) * 0.5
+    features[0, 0] = 1.0  # the largest |entry| of both operands
+    for bound, beyond in ((2.0**60, 1.5 * 2.0**60), (2.0**-60, 0.75 * 2.0**-60)):
+        rows, codes = features * bound, codebook * bound
+        expected = sinkhorn_assign(rows.float(), codes.float(), normalization=normalization)
+        assert torch.equal(sinkhorn_assign(rows, codes, normalization=normalization), expected), bound
+        for function in (sinkhorn_assign, sinkhorn_plan):
+            with pytest.raises(ValueError, match="outside float32's range"):
+                function(features * beyond, codebook * beyond, normalization=normalization)
+        # "all" is scale-free: the same ids at any magnitude
+        assert torch.equal(sinkhorn_assign(features * beyond, codebook * beyond), sinkhorn_assign(features, codebook))
+
+
+def test_a_call_without_rows_leaves_the_workspace_unallocated():
+    # no rows, no plan-sized buffer: the workspace stays empty (the cached path allocates only for rows it holds)
+    codebook = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    workspace = engine.SinkhornWorkspace()
+    assert sinkhorn_assign(torch.zeros(0, 4), codebook, workspace=workspace).shape == (0,)
+    potentials = engine.sinkhorn_plan_potentials(torch.zeros(0, 4), codebook, workspace=workspace)
+    assert potentials.code_potentials.shape == (8,)
+    assert workspace.buffer is None
