@@ -479,3 +479,16 @@ def test_any_finite_input_gives_a_valid_soft_plan(
         if logit_spread <= 1e3:
             expected = reference_equipartition_plan(features, codebook, epsilon, num_iters, normalization)
             torch.testing.assert_close(plan.double(), expected, atol=5e-5, rtol=0)
+
+
+def test_plan_potentials_defaults_are_the_documented_ones():
+    """sinkhorn_plan_potentials' defaults (epsilon 10, 5 iterations, "all", no marginal guard): its rows are the
+    guard-free float64 plan of the same defaults, written from the paper."""
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    features, codebook = _data(120, 24, 3, seed=11, scale=1.5)
+    potentials = sinkhorn_plan_potentials(features, codebook)
+    rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
+                            + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook, 10.0, 5, "all"), atol=1e-5,
+                               rtol=0)
