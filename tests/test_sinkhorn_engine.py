@@ -492,3 +492,16 @@ def test_plan_potentials_defaults_are_the_documented_ones():
                             + potentials.code_potentials, dim=1)
     torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook, 10.0, 5, "all"), atol=1e-5,
                                rtol=0)
+
+
+@pytest.mark.parametrize("codes,dim", [(2, 3), (5, 1), (1, 3)])
+def test_plan_potentials_of_few_codes_and_one_dimension_give_the_plan(codes, dim):
+    # the one-code shortcut is for one code only: two codes, or one-dimensional features, run the passes
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    features, codebook = _data(40, codes, dim, seed=codes * 10 + dim)
+    potentials = sinkhorn_plan_potentials(features, codebook)
+    assert potentials.code_potentials.shape == (codes,)
+    rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
+                            + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook), atol=1e-5, rtol=0)
