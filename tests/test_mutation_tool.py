@@ -177,3 +177,15 @@ def test_a_test_whose_call_runs_past_its_limit_is_a_hang(tool, tmp_path):
         os.utime(marker, (now - since, now - since))
         assert driver._hung_test(str(marker), now - 1000, durations) == hung, (nodeid, since)
     assert driver._hung_test(str(marker), now - 5, durations) is None  # started 5 s ago: nothing to check yet
+
+
+def test_every_recorded_equivalent_names_a_mutant_of_todays_sources(tool):
+    """tools/mutation_equivalent.json (shared by everyone who records verdicts): sorted keys, one entry per line, a
+    reason for each, and no stale key (a source edit changes a mutant's key: its verdict must be made again)."""
+    with open(tool.EQUIVALENT_FILE) as handle:
+        text = handle.read()
+    equivalent = json.loads(text)
+    assert text == json.dumps(equivalent, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    keys = {m.key for target in tool.TARGETS for m in tool.generate(target)}
+    assert sorted(set(equivalent) - keys) == []
+    assert all(len(reason) > 20 for reason in equivalent.values())
