@@ -275,3 +275,19 @@ def test_the_gan_terms_are_float32_under_autocast_and_for_bfloat16_images():
     low = loss.discriminator_loss(images.bfloat16(), reconstructions.bfloat16())
     high = loss.discriminator_loss(images.bfloat16().float(), reconstructions.bfloat16().float())
     assert torch.equal(low.loss, high.loss)
+
+
+def test_float64_images_and_the_discriminator_weight():
+    """float64 images are computed in float32 as well (the float32 loss of their values); the discriminator's loss is
+    disc_weight times the hinge loss."""
+    torch.manual_seed(0)
+    images, reconstructions = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    loss = OptVQLoss()
+    for low, high in ((images.double(), images), (images, images.double())):
+        output = loss.generator_loss(low, reconstructions.to(high.dtype), torch.tensor(0.5))
+        expected = loss.generator_loss(images, reconstructions, torch.tensor(0.5))
+        for name in ("loss", "l1", "l2"):
+            assert output[name].dtype == torch.float32 and torch.equal(output[name], expected[name]), name
+    weighted = OptVQLoss(gan_weight=0.5, disc_weight=2.0, disc_in_channels=3, disc_num_layers=1, disc_base_channels=4)
+    output = weighted.discriminator_loss(images, reconstructions)
+    assert output.loss.item() == pytest.approx(2.0 * output.discriminator.item(), rel=1e-6)
