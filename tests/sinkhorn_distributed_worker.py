@@ -46,6 +46,10 @@ def soft_plan_cases(rank, results):
         "plan_dim": ((90, 160), 48, 4, "dim", 3.0),
         "plan_exact": ((120, 80), 32, 2, "all", 1e3),
         "plan_empty_rank": ((0, 90), 24, 4, "all", 10.0),
+        # a rank without rows on the fixed-scale normalizations (no pass 0 there) and on the exact passes
+        "plan_dim_empty_rank": ((0, 90), 24, 4, "dim", 3.0),
+        "plan_none_empty_rank": ((0, 90), 24, 3, "none", 3.0),
+        "plan_exact_empty_rank": ((0, 120), 32, 2, "all", 1e3),
     }
     for name, (split, codes, dim, normalization, epsilon) in cases.items():
         features, codebook, local = global_batch(name, split, codes, dim, rank)
@@ -61,11 +65,39 @@ def soft_plan_cases(rank, results):
             single = sinkhorn_plan(features, codebook, epsilon, 5, normalization)
             local_only = sinkhorn_plan(features[: split[0]], codebook, epsilon, 5, normalization)
             results[name] = {
+                "rows": [int(gathered.shape[0]), int(default_blocks.shape[0]), int(single.shape[0])],
                 "max_error": float((gathered - single).abs().max()),
                 "potentials_error": float((rebuilt - single.double()).abs().max()),
                 "default_blocks_error": float((default_blocks - single).abs().max()),
                 "local_differs": bool(split[0] == 0 or (gathered[: split[0]] - local_only).abs().max() > 1e-3),
             }
+
+
+def float64_cases(rank, results):
+    """float64 inputs: magnitudes beyond float32's range are rescaled by one power of two agreed over the ranks (the
+    largest magnitude of all ranks), so two ranks equal one process; with "dim" (whose scale matters) a magnitude that
+    only one rank holds is refused on every rank alike."""
+    split = (70, 110)
+    features, codebook, local = global_batch("float64", split, 16, 4, rank)
+    features, codebook = features.double() * 1e-45, codebook.double() * 1e-45  # float32 would flush them to 0
+    local = features[sum(split[:rank]) : sum(split[: rank + 1])]
+    ids = gather_ids(sinkhorn_assign(local, codebook, process_group="world"))
+    plan = gather_ids(sinkhorn_plan(local, codebook, process_group="world"))
+    # rank 0's rows alone lie beyond 2^60 (float32 holds them, but the engine refuses such float64 inputs for "dim")
+    refused_rows = local * 1e45 * (1e19 if rank == 0 else 1.0)
+    try:
+        sinkhorn_assign(refused_rows, codebook * 1e45, normalization="dim", process_group="world")
+        refused = False
+    except ValueError as error:
+        refused = "outside float32's range" in str(error)
+    refusals = gather_ids(torch.tensor([int(refused)]))
+    if rank == 0:
+        results["float64"] = {
+            "mismatches": int((ids != sinkhorn_assign(features, codebook)).sum()),
+            "max_error": float((plan - sinkhorn_plan(features, codebook)).abs().max()),
+            "distinct_codes": int(ids.unique().numel()),
+            "refused_on": refusals.tolist(),
+        }
 
 
 def otvae_cases(rank, results):
@@ -125,6 +157,7 @@ def main():
             }
 
     soft_plan_cases(rank, results)
+    float64_cases(rank, results)
     otvae_cases(rank, results)
 
     # Through the quantizer in training mode: global by default, local with sync_across_ranks=False.

@@ -127,3 +127,65 @@ def test_a_statement_mutant_selects_the_tests_of_the_lines_that_use_its_names(to
     # SCALE is used by DOUBLE (line 2, at import only) and by inner (line 7)
     assert lines == {7}
     assert tool.statement_lines(SOURCE, _mutant(tool, b"offset=1", "offset=2", None)) == {6, 7, 8}
+
+
+def test_a_class_attribute_read_through_getattr_selects_the_tests_of_that_line(tool):
+    """`getattr(subclass, "_legacy_optvq_subclass", False)` reads VectorQuantizer's flag by its name in a string:
+    the mutant `True -> False` must run the tests of that line, not count as executed by no test."""
+    source = b'class Legacy:\n    flag = True\n\n\ndef is_legacy(cls):\n    return getattr(cls, "flag", False)\n'
+    start = source.index(b"True")
+    mutant = tool.Mutant("x.py", 2, None, "constant", "True", "False", start, start + 4, 2)
+    assert tool.statement_lines(source, mutant) == {6}
+
+
+def test_the_baseline_is_split_by_whole_test_files_balanced_by_their_time(tool):
+    nodeids = ["a.py::1", "a.py::2", "b.py::1", "c.py::1", "c.py::2", "c.py::3", "d.py::1"]
+    durations = {"a.py::1": 50.0, "a.py::2": 10.0, "b.py::1": 40.0, "c.py::1": 1.0, "c.py::2": 1.0, "c.py::3": 1.0}
+    groups = tool._split_by_file(nodeids, 2, durations, slow={"d.py::1"})  # d: no earlier time, slow: 10 s
+    assert groups == [["a.py::1", "a.py::2"], ["b.py::1", "c.py::1", "c.py::2", "c.py::3", "d.py::1"]]
+    assert tool._split_by_file(nodeids, 1, {}, set()) == [nodeids]
+    assert sorted(n for g in tool._split_by_file(nodeids, 8, {}, set()) for n in g) == sorted(nodeids)
+
+
+def test_a_mutants_tests_start_with_the_killers_of_its_functions_latest_mutants(tool):
+    driver = tool.Driver.__new__(tool.Driver)
+    driver.recent_killers = tool.defaultdict(list)
+    driver.priority = {"fast": 0, "medium": 1, "slow": 2, "killer": 3}.get
+    mutant = tool.Mutant("x.py", 1, "f", "test", "a", "b", 0, 1, 1)
+    assert driver._order(["slow", "killer", "fast", "medium"], mutant) == ["fast", "medium", "slow", "killer"]
+    driver.recent_killers["f"] = ["killer", "gone"]  # "gone" does not execute this mutant's lines
+    assert driver._order(["slow", "killer", "fast", "medium"], mutant) == ["killer", "fast", "medium", "slow"]
+    driver.recent_killers["g"] = ["slow"]  # another function's killers change nothing
+    assert driver._order(["slow", "killer", "fast", "medium"], mutant)[0] == "killer"
+
+
+def test_a_test_whose_call_runs_past_its_limit_is_a_hang(tool, tmp_path):
+    """A child marks the test whose call phase runs (fixtures' setup is not timed per test); the parent ends the
+    mutant once that call has run past timeout_factor x its baseline time + test_timeout seconds."""
+    import argparse
+    import time
+
+    driver = tool.Driver.__new__(tool.Driver)
+    driver.args = argparse.Namespace(timeout_factor=4.0, test_timeout=20.0)
+    marker = tmp_path / "mutant0.call"
+    durations = {"t.py::quick": 0.5, "t.py::long": 30.0}
+    now = time.time()
+    assert driver._hung_test(str(marker), now - 100, durations) is None  # no marker yet
+    for nodeid, since, hung in (("t.py::quick", 21.0, None), ("t.py::quick", 23.0, "t.py::quick"),
+                                ("t.py::long", 139.0, None), ("t.py::long", 141.0, "t.py::long"), ("", 500.0, None)):
+        marker.write_text(nodeid)
+        os.utime(marker, (now - since, now - since))
+        assert driver._hung_test(str(marker), now - 1000, durations) == hung, (nodeid, since)
+    assert driver._hung_test(str(marker), now - 5, durations) is None  # started 5 s ago: nothing to check yet
+
+
+def test_every_recorded_equivalent_names_a_mutant_of_todays_sources(tool):
+    """tools/mutation_equivalent.json (shared by everyone who records verdicts): sorted keys, one entry per line, a
+    reason for each, and no stale key (a source edit changes a mutant's key: its verdict must be made again)."""
+    with open(tool.EQUIVALENT_FILE) as handle:
+        text = handle.read()
+    equivalent = json.loads(text)
+    assert text == json.dumps(equivalent, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    keys = {m.key for target in tool.TARGETS for m in tool.generate(target)}
+    assert sorted(set(equivalent) - keys) == []
+    assert all(len(reason) > 20 for reason in equivalent.values())

@@ -479,3 +479,29 @@ def test_any_finite_input_gives_a_valid_soft_plan(
         if logit_spread <= 1e3:
             expected = reference_equipartition_plan(features, codebook, epsilon, num_iters, normalization)
             torch.testing.assert_close(plan.double(), expected, atol=5e-5, rtol=0)
+
+
+def test_plan_potentials_defaults_are_the_documented_ones():
+    """sinkhorn_plan_potentials' defaults (epsilon 10, 5 iterations, "all", no marginal guard): its rows are the
+    guard-free float64 plan of the same defaults, written from the paper."""
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    features, codebook = _data(120, 24, 3, seed=11, scale=1.5)
+    potentials = sinkhorn_plan_potentials(features, codebook)
+    rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
+                            + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook, 10.0, 5, "all"), atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("codes,dim", [(2, 3), (5, 1), (1, 3)])
+def test_plan_potentials_of_few_codes_and_one_dimension_give_the_plan(codes, dim):
+    # the one-code shortcut is for one code only: two codes, or one-dimensional features, run the passes
+    from optvq_hf.sinkhorn import sinkhorn_plan_potentials
+
+    features, codebook = _data(40, codes, dim, seed=codes * 10 + dim)
+    potentials = sinkhorn_plan_potentials(features, codebook)
+    assert potentials.code_potentials.shape == (codes,)
+    rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
+                            + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook), atol=1e-5, rtol=0)

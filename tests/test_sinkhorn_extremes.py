@@ -262,3 +262,77 @@ def test_auto_caches_up_to_the_dense_limit_and_streams_above_it():
         ids = sinkhorn_assign(features, codebook, dense_limit=dense_limit, workspace=workspace)
         assert torch.equal(ids, expected)
         assert (workspace.buffer is not None) == cached, dense_limit
+
+
+@pytest.mark.parametrize("normalization", ["dim", "none"])
+def test_float64_inputs_are_refused_exactly_outside_two_to_the_60(normalization):
+    """docs/sinkhorn.md: float64 inputs whose largest |entry| lies outside [2^-60, 2^60] are rescaled for "all" and
+    refused for "dim" / "none" (whose distances' scale matters); on the bounds they are the float32 values' result."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(40, 3, generator=generator, dtype=torch.float64) * 0.5
+    codebook = torch.rand(6, 3, generator=generator, dtype=torch.float64) * 0.5
+    features[0, 0] = 1.0  # the largest |entry| of both operands
+    for bound, beyond in ((2.0**60, 1.5 * 2.0**60), (2.0**-60, 0.75 * 2.0**-60)):
+        rows, codes = features * bound, codebook * bound
+        expected = sinkhorn_assign(rows.float(), codes.float(), normalization=normalization)
+        assert torch.equal(sinkhorn_assign(rows, codes, normalization=normalization), expected), bound
+        for function in (sinkhorn_assign, sinkhorn_plan):
+            with pytest.raises(ValueError, match="outside float32's range"):
+                function(features * beyond, codebook * beyond, normalization=normalization)
+        # "all" is scale-free: the same ids at any magnitude
+        assert torch.equal(sinkhorn_assign(features * beyond, codebook * beyond), sinkhorn_assign(features, codebook))
+
+
+def test_a_call_without_rows_leaves_the_workspace_unallocated():
+    # no rows, no plan-sized buffer: the workspace stays empty (the cached path allocates only for rows it holds)
+    codebook = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    workspace = engine.SinkhornWorkspace()
+    assert sinkhorn_assign(torch.zeros(0, 4), codebook, workspace=workspace).shape == (0,)
+    potentials = engine.sinkhorn_plan_potentials(torch.zeros(0, 4), codebook, workspace=workspace)
+    assert potentials.code_potentials.shape == (8,)
+    assert workspace.buffer is None
+
+
+def test_plan_potentials_with_the_published_guards_give_the_guarded_plan():
+    # marginal_guard=1e-8 (the published guards): three codes 3x farther, whose column totals fall to where the
+    # guard decides their share (0.5 apart from the plan of a guard of 3e-12 or 0), as in the float64 guarded plan;
+    # the guard-free potentials give them their full share (the exact equipartition plan)
+    features, codebook = _far_codes(rows=200, codes=32, factor=3.0)
+    distances = torch.cdist(features.double(), codebook.double())
+    for guard, expected in ((1e-8, torch.softmax(reference_sinkhorn_log_plan(features, codebook), dim=1)),
+                            (0.0, reference_equipartition_plan(features, codebook))):
+        potentials = engine.sinkhorn_plan_potentials(features, codebook, marginal_guard=guard)
+        rebuilt = torch.softmax(-potentials.distance_scale * distances + potentials.code_potentials, dim=1)
+        torch.testing.assert_close(rebuilt, expected, atol=1e-4, rtol=0)
+
+
+def test_the_all_normalizations_spread_is_exact_where_distances_barely_vary():
+    """The "all" normalization divides by std(D): where every distance is nearly the same (features far from the
+    codebook, features at the centre of codes on a sphere, one far row), the mean is 100x the spread and a sum of
+    squares around the wrong point would cancel away float32's digits. The scale (epsilon / (std + 1e-6)) and the plan
+    against float64."""
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 8, generator=generator)
+    far = torch.randn(150, 8, generator=generator) + 60.0
+    centre = torch.randn(150, 8, generator=generator) * 0.02
+    sphere = torch.randn(16, 8, generator=generator)
+    sphere = 3.0 * sphere / sphere.norm(dim=1, keepdim=True)
+    one_far_row = torch.randn(1, 8, generator=generator) + 60.0
+    for features, codes, tolerance in ((far, codebook, 2e-5), (centre, sphere, 2e-5), (one_far_row, codebook, 1e-4)):
+        distances = torch.cdist(features.double(), codes.double())
+        assert float(distances.mean() / distances.std()) > 50
+        potentials = engine.sinkhorn_plan_potentials(features, codes)
+        assert potentials.distance_scale == pytest.approx(10.0 / (float(distances.std()) + 1e-6), rel=tolerance)
+        torch.testing.assert_close(sinkhorn_plan(features, codes).double(),
+                                   reference_equipartition_plan(features, codes), atol=1e-4, rtol=0)
+
+
+def test_streamed_guards_with_every_feature_far_from_every_code():
+    # "none" with every distance above 3: the initial plan's total (N K e^-10D) is far below the published 1e-8
+    # guard, which then decides the first normalization; the streaming path reproduces the guarded algorithm
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(300, 3, generator=generator) * 0.7 + 4.0
+    codebook = torch.randn(40, 3, generator=generator)
+    expected = reference_sinkhorn_log_plan(features, codebook, normalization="none").argmax(1)
+    for streaming in (True, False):
+        assert torch.equal(sinkhorn_assign(features, codebook, normalization="none", streaming=streaming), expected)

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -69,11 +71,11 @@ TARGETS = {
     ),
     "src/optvq_hf/autoencoder.py": dict(
         fast=["tests/test_modeling.py", "tests/test_core.py", "tests/test_diffusers.py",
-              "tests/test_convert_original.py", "tests/test_processing.py"],
+              "tests/test_convert_original.py", "tests/test_processing.py", "tests/test_autoencoder_edges.py"],
         slow=[],
     ),
     "src/optvq_hf/training/losses.py": dict(
-        fast=["tests/test_training.py", "tests/test_metrics.py"],
+        fast=["tests/test_training.py", "tests/test_training_losses.py", "tests/test_metrics.py"],
         slow=[],
     ),
 }
@@ -314,13 +316,22 @@ def generate(path: str) -> list[Mutant]:
     with open(os.path.join(ROOT, path), "rb") as handle:
         source = handle.read()
     collector = _Collector(source, path)
-    collector.visit(ast.parse(source))
+    tree = ast.parse(source)
+    collector.visit(tree)
+    # a mutant is valid Python if its top-level statement (from the start of its first line) still parses: parsing
+    # that statement instead of the whole file for each mutant (top-level statements parse on their own)
+    spans = []
+    for node in tree.body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        spans.append((collector.offsets[first - 1], collector.offsets[node.end_lineno - 1] + node.end_col_offset))
+    starts = [start for start, _ in spans]
     mutants = []
     seen = defaultdict(int)
     for mutant in collector.mutants:
-        mutated = source[: mutant.start] + mutant.replacement.encode() + source[mutant.stop:]
+        start, stop = spans[bisect.bisect_right(starts, mutant.start) - 1]
+        statement = source[start: mutant.start] + mutant.replacement.encode() + source[mutant.stop: stop]
         try:
-            ast.parse(mutated)
+            ast.parse(statement)
         except SyntaxError:
             continue
         base = f"{mutant.file}::{mutant.function or '<module>'}::{mutant.operator}::{' '.join(mutant.original.split())}"
@@ -369,6 +380,12 @@ def _code_units(module_code):
     return units, others
 
 
+@functools.lru_cache(maxsize=8)
+def _pristine_units(pristine: bytes, filename: str):
+    """`_code_units` of the unmutated file, compiled once (every mutant's plan compares against it)."""
+    return _code_units(compile(pristine, filename, "exec", dont_inherit=True))
+
+
 def mutated_source(pristine: bytes, mutant: Mutant) -> bytes:
     return pristine[: mutant.start] + mutant.replacement.encode() + pristine[mutant.stop:]
 
@@ -377,7 +394,7 @@ def patch_plan(pristine: bytes, mutant: Mutant, filename: str) -> tuple[str, lis
     """How a mutant is applied in a process that imported the pristine module: ``("equivalent", [])`` (the same
     bytecode), ``("code", changed function keys)`` (their ``__code__`` replaced), ``("statement", [])`` (a module or
     class level statement re-executed) or ``("fallback", [])`` (a fresh interpreter with the file on disk)."""
-    old_units, old_others = _code_units(compile(pristine, filename, "exec", dont_inherit=True))
+    old_units, old_others = _pristine_units(pristine, filename)
     new_units, new_others = _code_units(compile(mutated_source(pristine, mutant), filename, "exec", dont_inherit=True))
     if set(old_units) != set(new_units) or set(old_others) != set(new_others):
         return "fallback", []
@@ -654,7 +671,7 @@ def statement_lines(source: bytes, mutant: Mutant) -> set[int] | None:
         for node in ast.walk(tree):
             if (isinstance(node, ast.Name) and node.id in names) or (
                 isinstance(node, ast.Attribute) and node.attr in names
-            ):
+            ) or (isinstance(node, ast.Constant) and node.value in names):  # also getattr(x, "name", ...)
                 lines.add(node.lineno)
         import_time = set()
         for top in tree.body:
@@ -677,6 +694,8 @@ class Driver:
         self.tree, self.previous = tree, previous
         self.items = {}
         self.failed = []  # nodeids failed in this process (a child's run)
+        self.call_marker = None  # in a child: a file holding the nodeid whose call phase runs now ("" between calls)
+        self.recent_killers = defaultdict(list)  # function -> the tests that killed its latest mutants, latest first
 
     def pytest_collection_modifyitems(self, session, config, items):
         items[:] = [item for item in items if "compile" not in item.nodeid]  # torch.compile: too slow per mutant
@@ -684,6 +703,16 @@ class Driver:
     def pytest_runtest_logreport(self, report):
         if report.failed:
             self.failed.append(report.nodeid)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        # the parent times each test's call phase on its own (a hang is found in seconds, not after the whole budget);
+        # fixtures' setup (a module fixture that launches processes) is not timed per test
+        if self.call_marker:
+            _write_marker(self.call_marker, item.nodeid)
+        yield
+        if self.call_marker:
+            _write_marker(self.call_marker, "")
 
     # ---- running tests in a child -------------------------------------------------------------------------------
     def _run_items(self, nodeids, before=None, after=None):
@@ -733,45 +762,54 @@ class Driver:
         trace_dir = os.path.join(self.args.workdir, "trace")
         shutil.rmtree(trace_dir, ignore_errors=True)
         os.makedirs(trace_dir)
-        result_file = os.path.join(self.args.workdir, "baseline-result.json")
         nodeids = list(self.items)
+        index_of = {n: i for i, n in enumerate(nodeids)}
 
-        def body():
-            tracer = _LineTracer(files)
-            lines, durations, started = {}, {}, {}
-            os.environ.update(MUTATION_TRACE_DIR=trace_dir, MUTATION_TRACE_FILES=os.pathsep.join(files))
+        def body(group, result_file):
+            def run():
+                tracer = _LineTracer(files)
+                lines, durations = {}, {}
+                os.environ.update(MUTATION_TRACE_DIR=trace_dir, MUTATION_TRACE_FILES=os.pathsep.join(files))
+                self.failed = []
+                items = [self.items[n] for n in group]
+                for position, item in enumerate(items):
+                    os.environ["MUTATION_TRACE_TEST"] = str(index_of[item.nodeid])
+                    started = time.perf_counter()
+                    tracer.start()
+                    item.ihook.pytest_runtest_protocol(
+                        item=item, nextitem=items[position + 1] if position + 1 < len(items) else None)
+                    covered = tracer.stop()
+                    durations[item.nodeid] = time.perf_counter() - started
+                    lines[item.nodeid] = {f: sorted(l for g, l in covered if g == f) for f in files}
+                with open(result_file, "w") as handle:
+                    json.dump({"lines": lines, "durations": durations, "failed": list(self.failed)}, handle)
+                return 0
 
-            def before(index, item):
-                os.environ["MUTATION_TRACE_TEST"] = str(index)
-                started[index] = time.perf_counter()
-                tracer.start()
+            return run
 
-            def after(index, item):
-                covered = tracer.stop()
-                durations[item.nodeid] = time.perf_counter() - started[index]
-                lines[item.nodeid] = {f: sorted(l for g, l in covered if g == f) for f in files}
-
-            failed, self.failed = [], []
-            items = [self.items[n] for n in nodeids]
-            for index, item in enumerate(items):
-                before(index, item)
-                item.ihook.pytest_runtest_protocol(item=item, nextitem=items[index + 1] if index + 1 < len(items) else None)
-                after(index, item)
-            failed = list(self.failed)
-            with open(result_file, "w") as handle:
-                json.dump({"lines": lines, "durations": durations, "failed": failed}, handle)
-            return 0
-
+        # `--jobs` children, each a share of the test files (whole files: module fixtures run once), balanced by the
+        # tests' earlier baseline times where the report folder has them
         t0 = time.time()
-        pid = self._fork(body, os.path.join(self.args.report, "baseline.log"))
-        os.waitpid(pid, 0)
-        if not os.path.exists(result_file):
-            raise SystemExit(f"the baseline did not run: see {self.args.report}/baseline.log")
-        with open(result_file) as handle:
-            result = json.load(handle)
+        groups = _split_by_file(nodeids, self.args.jobs, _earlier_durations(cache),
+                                {n for n, item in self.items.items() if item.get_closest_marker("slow")})
+        children = []
+        for number, group in enumerate(groups):
+            result_file = os.path.join(self.args.workdir, f"baseline-result{number}.json")
+            log = os.path.join(self.args.report, "baseline.log" if number == 0 else f"baseline{number}.log")
+            children.append((self._fork(body(group, result_file), log), result_file, log))
+        result = {"lines": {}, "durations": {}, "failed": []}
+        for pid, result_file, log in children:
+            os.waitpid(pid, 0)
+            if not os.path.exists(result_file):
+                raise SystemExit(f"the baseline did not run: see {log}")
+            with open(result_file) as handle:
+                part = json.load(handle)
+            result["failed"] += part["failed"]
+            result["lines"].update(part["lines"])
+            result["durations"].update(part["durations"])
         if result["failed"]:
             raise SystemExit(f"the baseline fails ({result['failed'][:5]}): fix the tests first; see "
-                             f"{self.args.report}/baseline.log")
+                             f"{self.args.report}/baseline*.log")
         subprocess_lines = defaultdict(lambda: defaultdict(set))
         for name in os.listdir(trace_dir):
             index = int(name.split("-")[0])
@@ -805,9 +843,11 @@ class Driver:
             with open(stats_file) as handle:
                 stats = json.load(handle)
 
-        def priority(nodeid):  # expected kills per second, from earlier runs
+        def priority(nodeid):  # expected kills per second, from earlier runs and this one so far
             kills, runs = stats.get(nodeid, (0, 0))
             return -((kills + 1.0) / (runs + 2.0)) / max(durations.get(nodeid, 1.0), 0.02)
+
+        self.priority = priority
 
         started = time.time()
         all_mutants = []
@@ -907,27 +947,30 @@ class Driver:
                 queue.clear()
             while queue and free:
                 mutant, tier, fast, slow = job = queue.pop(0)
-                tests = fast if tier == "fast" else slow
+                tests = self._order(fast if tier == "fast" else slow, mutant)
                 on_disk = self._on_disk(job, plans)
                 index = free.pop()
                 log = os.path.join(args.workdir, f"mutant{index}.log")
                 result_file = os.path.join(args.workdir, f"mutant{index}.json")
-                if os.path.exists(result_file):
-                    os.remove(result_file)
+                marker = os.path.join(args.workdir, f"mutant{index}.call")
+                for stale in (result_file, marker):
+                    if os.path.exists(stale):
+                        os.remove(stale)
                 with open(disk_files[index], "wb") as handle:
                     handle.write(mutated_source(pristine, mutant))
                 budget = sum(durations.get(t, 1.0) for t in tests)
                 timeout = max(args.min_timeout, args.timeout_factor * budget + 30.0 * on_disk)
                 body = self._child_body(mutant, tests, module, pristine, plans[mutant.key], live, result_file,
-                                        disk_files[index][: -len(os.path.relpath(target, "src")) - 1])
+                                        disk_files[index][: -len(os.path.relpath(target, "src")) - 1], marker)
                 pid = self._fork(body, log)
-                running[pid] = (index, job, tests, time.time(), timeout, log, result_file, on_disk)
+                running[pid] = (index, job, tests, time.time(), timeout, log, result_file, on_disk, marker)
             time.sleep(0.02)
-            for pid, (index, job, tests, start, timeout, log, result_file, on_disk) in list(running.items()):
+            for pid, (index, job, tests, start, timeout, log, result_file, on_disk, marker) in list(running.items()):
                 mutant, tier, fast, slow = job
                 finished, status = os.waitpid(pid, os.WNOHANG)
                 timed_out = False
-                if not finished and time.time() - start > timeout:
+                hung = None if finished else self._hung_test(marker, start, durations)
+                if hung or (not finished and time.time() - start > timeout):
                     try:
                         os.killpg(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -952,7 +995,7 @@ class Driver:
                 exit_code = None if timed_out or status is None else (
                     os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
                 if timed_out:
-                    mutant.status, mutant.killer = "killed", "timeout"
+                    mutant.status, mutant.killer = "killed", f"timeout ({hung})" if hung else "timeout"
                 elif exit_code == 0:
                     if tier == "fast" and slow and not args.no_slow:
                         queue.append([mutant, "slow", fast, slow])
@@ -964,6 +1007,11 @@ class Driver:
                     if exit_code == 1 and ran:
                         kills, runs = stats[ran[-1]]
                         stats[ran[-1]] = (kills + 1, runs)
+                        killers = self.recent_killers[mutant.function]
+                        if ran[-1] in killers:
+                            killers.remove(ran[-1])
+                        killers.insert(0, ran[-1])
+                        del killers[3:]
                     if tier == "slow":
                         mutant.killer += " (slow tier)"
                 else:
@@ -977,13 +1025,39 @@ class Driver:
                           flush=True)
                     write_report(args.report, reported, time.time() - started, self.previous)
 
+    def _order(self, tests, mutant):
+        """The order a mutant's tests run in (it stops at the first failure; every test runs if none fails): the
+        tests that killed the latest mutants of the same function first, then by expected kills per second (from
+        earlier runs and this one so far)."""
+        recent = [n for n in self.recent_killers[mutant.function] if n in tests]
+        return recent + sorted((n for n in tests if n not in recent), key=self.priority)
+
+    def _hung_test(self, marker, start, durations):
+        """The test whose call phase has run past `--timeout_factor` times its baseline time plus `--test_timeout`
+        seconds, or None. Only children that run their tests in this session mark them (not fresh interpreters)."""
+        args = self.args
+        if time.time() - start < args.test_timeout:
+            return None
+        try:
+            since = time.time() - os.stat(marker).st_mtime
+            if since < args.test_timeout:
+                return None
+            with open(marker) as handle:
+                nodeid = handle.read()
+        except OSError:
+            return None
+        if nodeid and since > args.timeout_factor * durations.get(nodeid, 1.0) + args.test_timeout:
+            return nodeid
+        return None
+
     def _on_disk(self, job, plans):
         mutant, tier, _, _ = job
         return tier == "slow" or plans[mutant.key][0] == "fallback"
 
-    def _child_body(self, mutant, tests, module, pristine, plan, live, result_file, job_src):
+    def _child_body(self, mutant, tests, module, pristine, plan, live, result_file, job_src, marker=None):
         def body():
             ran = []
+            self.call_marker = marker
             os.environ["MUTATION_SRC"] = job_src  # subprocesses import the mutant (see SITECUSTOMIZE)
 
             def record(index, item):
@@ -1022,6 +1096,37 @@ def _touches_collectives(source: bytes, mutant: Mutant) -> bool:
     return any(word.encode() in line for line in lines for word in COLLECTIVE_WORDS)
 
 
+def _earlier_durations(cache: str) -> dict:
+    """Test durations of an earlier baseline in the report folder (also of another tree), or {}."""
+    try:
+        with open(cache) as handle:
+            return json.load(handle).get("durations", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _split_by_file(nodeids, parts: int, durations: dict, slow: set) -> list[list[str]]:
+    """`nodeids` in `parts` groups of whole test files (in their collected order), the longest file first to the
+    least loaded group; a test weighs its earlier duration, else 10 s if marked slow and 0.5 s if not."""
+    by_file = defaultdict(list)
+    for nodeid in nodeids:
+        by_file[nodeid.split("::")[0]].append(nodeid)
+    weight = {f: sum(durations.get(n, 10.0 if n in slow else 0.5) for n in ns) for f, ns in by_file.items()}
+    groups = [[] for _ in range(max(1, parts))]
+    loads = [0.0] * len(groups)
+    for name in sorted(by_file, key=lambda f: -weight[f]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += weight[name]
+    order = {n: i for i, n in enumerate(nodeids)}
+    return [sorted((n for f in group for n in by_file[f]), key=order.get) for group in groups if group]
+
+
+def _write_marker(path: str, text: str):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
 def _killer(log: str) -> str:
     try:
         with open(log, errors="replace") as handle:
@@ -1044,6 +1149,9 @@ def main(argv=None):
     parser.add_argument("--workdir", default=os.path.join(ROOT, "mutation-work"))
     parser.add_argument("--timeout_factor", type=float, default=4.0, help="timeout: this times the tests' baseline time")
     parser.add_argument("--min_timeout", type=float, default=30.0)
+    parser.add_argument("--test_timeout", type=float, default=20.0,
+                        help="a test whose call runs past --timeout_factor times its baseline time plus this many "
+                             "seconds counts as a hang (the mutant is killed)")
     parser.add_argument("--no_slow", action="store_true", help="skip the slow tier")
     parser.add_argument("--max_test_seconds", type=float, default=3.0,
                         help="tests that took longer in the baseline go to the slow tier")
