@@ -91,12 +91,19 @@ def float64_cases(rank, results):
     except ValueError as error:
         refused = "outside float32's range" in str(error)
     refusals = gather_ids(torch.tensor([int(refused)]))
+    # float32 rows whose magnitudes differ by 1e20 between the ranks: one power-of-two scale for all (the largest
+    # rank's), so no square overflows on the rank with the large rows
+    mixed = torch.cat([features[: split[0]] * 1e65, features[split[0] :] * 1e45]).float()
+    unit_codes = (codebook * 1e45).float()
+    mixed_ids = gather_ids(sinkhorn_assign(mixed[sum(split[:rank]) : sum(split[: rank + 1])], unit_codes,
+                                           normalization="dim", process_group="world"))
     if rank == 0:
         results["float64"] = {
             "mismatches": int((ids != sinkhorn_assign(features, codebook)).sum()),
             "max_error": float((plan - sinkhorn_plan(features, codebook)).abs().max()),
             "distinct_codes": int(ids.unique().numel()),
             "refused_on": refusals.tolist(),
+            "mixed_mismatches": int((mixed_ids != sinkhorn_assign(mixed, unit_codes, normalization="dim")).sum()),
         }
 
 

@@ -70,6 +70,7 @@ def test_float64_inputs_of_two_ranks_are_rescaled_and_refused_alike(results):
     assert result["mismatches"] == 0 and result["distinct_codes"] > 8, result  # 1e-45: rescaled, not flushed to 0
     assert result["max_error"] < 1e-5, result
     assert result["refused_on"] == [1, 1], result  # one rank's magnitude decides for both (no rank left waiting)
+    assert result["mixed_mismatches"] == 0, result  # float32 rows 1e20 apart: the largest rank's scale for both
 
 
 @pytest.mark.slow

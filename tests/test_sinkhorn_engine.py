@@ -505,3 +505,32 @@ def test_plan_potentials_of_few_codes_and_one_dimension_give_the_plan(codes, dim
     rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
                             + potentials.code_potentials, dim=1)
     torch.testing.assert_close(rebuilt, reference_equipartition_plan(features, codebook), atol=1e-5, rtol=0)
+
+
+def test_the_dense_log_plan_is_the_published_plan_row_by_row():
+    """sinkhorn_log_plan (the traceable path's recursion, rows left unscaled) in float64 on codes far enough that the
+    1e-8 guards decide their share: every row, normalized, is the published plan's row, and the traceable
+    assignment (default "all") is its argmax."""
+    from optvq_hf.sinkhorn import dense_sinkhorn_assign, sinkhorn_log_plan
+
+    features, codebook = _data(400, 64, 4, seed=11)
+    codebook[32:] = codebook[32:] * 6.0
+    log_plan = sinkhorn_log_plan(reference_cost(features, codebook), 10.0, 5)
+    expected = reference_sinkhorn_log_plan(features, codebook)
+    torch.testing.assert_close(torch.softmax(log_plan, 1), torch.softmax(expected, 1), atol=1e-9, rtol=0)
+    assert torch.equal(dense_sinkhorn_assign(features, codebook), _published(features, codebook))
+
+
+def test_the_dense_paths_compute_in_float32_and_choose_identical_codes():
+    # half-precision inputs are computed in float32 (bf16 distances would tie and swap near codes); a feature equal
+    # to a code has distance 0 to it even where |z|^2 - 2 z.c + |c|^2 rounds below 0
+    from optvq_hf.sinkhorn import dense_nearest_assign, dense_sinkhorn_assign
+
+    features, codebook = _data(300, 32, 8, seed=3)
+    half_features, half_codebook = features.bfloat16(), codebook.bfloat16()
+    z, c = half_features.double(), half_codebook.double()
+    assert torch.equal(dense_nearest_assign(half_features, half_codebook), torch.cdist(z, c).argmin(1))
+    assert torch.equal(dense_sinkhorn_assign(half_features, half_codebook),
+                       dense_sinkhorn_assign(half_features.float(), half_codebook.float()))
+    with_codes = torch.cat([codebook, features[:50]])
+    assert torch.equal(dense_sinkhorn_assign(with_codes, codebook)[:32], torch.arange(32))

@@ -336,3 +336,13 @@ def test_streamed_guards_with_every_feature_far_from_every_code():
     expected = reference_sinkhorn_log_plan(features, codebook, normalization="none").argmax(1)
     for streaming in (True, False):
         assert torch.equal(sinkhorn_assign(features, codebook, normalization="none", streaming=streaming), expected)
+
+
+def test_soft_plan_at_a_large_epsilon_stays_within_float32_of_the_reference():
+    # epsilon 1e3: logits of thousands of nats, where the exact passes keep each row's logits relative to its own
+    # smallest distance (anything else costs float32 digits: 1.9e-4 off when they are taken relative to -pivot)
+    generator = torch.Generator().manual_seed(2)
+    features, codebook = torch.randn(200, 2, generator=generator) * 1.5 + 0.3, torch.randn(40, 2, generator=generator)
+    plan = sinkhorn_plan(features, codebook, 1e3, 5, "all")
+    torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook, 1e3, 5, "all"),
+                               atol=5e-5, rtol=0)
