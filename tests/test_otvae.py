@@ -256,12 +256,28 @@ def test_gumbel_softmax_samples_the_categorical():
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
 
 
+def _mix32(values: np.ndarray) -> np.ndarray:
+    """The noise's 32-bit finalizer in numpy uint32 arithmetic (wrapping products), written apart from the package's
+    int64 tensor version."""
+    values = values.astype(np.uint32)
+    values ^= values >> np.uint32(16)
+    values *= np.uint32(0x21F0AAAD)
+    values ^= values >> np.uint32(15)
+    values *= np.uint32(0x735A2D97)
+    values ^= values >> np.uint32(15)
+    return values
+
+
 def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
-    """The fused pass's uniform draws on CPU, written out: numpy's PCG64 seeded by one int64 draw from torch's
-    default generator, float32 in [0, 1) (a 0 draw is a zero weight: noise -log(-log 0) = -inf)."""
+    """The training pass's uniforms, written out: one int64 draw from torch's default generator is the seed; pair
+    (i, j) gets key mix(mix(i + seed_low) + mix(j ^ seed_high)) (mod 2^32), and u = (top 23 bits + 1/2) / 2^23."""
     torch.manual_seed(seed_state)
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(shape, dtype=np.float32))
+    low, high = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+    rows = _mix32(np.arange(shape[0], dtype=np.uint32) + low)
+    codes = _mix32(np.arange(shape[1], dtype=np.uint32) ^ high)
+    keys = _mix32(rows[:, None] + codes[None, :])
+    return torch.from_numpy(((keys >> np.uint32(9)).astype(np.float64) + 0.5) / 2.0 ** 23)
 
 
 @pytest.mark.parametrize(
@@ -270,14 +286,19 @@ def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
      (True, "dim", 0.7, 1.0), (False, "all", 1.0, 2.5), (True, "all", 0.7, 0.6)],
 )
 def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
-    """The blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise drawn
-    again in backward) against the dense float64 autograd graph on the same uniform draws. Covers the shared-kernel
+    """The eager blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise
+    recomputed in backward) against the dense float64 autograd graph on the same uniforms. Covers the shared-kernel
     path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
+    _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "eager", monkeypatch)
+
+
+def _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, kernel, monkeypatch):
     import optvq_hf.otvae
 
     monkeypatch.setitem(optvq_hf.otvae._DECODE_BLOCK_ENTRIES, get_block_policy(), 1 << 18)  # 256 rows: 3 blocks
     quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
-                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale).train()
+                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale,
+                               training_kernel=kernel).train()
     flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks
     torch.manual_seed(1)
     decoded, loss, token_ids = quantizer.quantize_rows(flat, quantizer.codebook)
