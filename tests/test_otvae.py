@@ -12,6 +12,7 @@ import torch
 
 from optvq_hf import CodebookQuantizer, OptVQConfig, OptVQModel, OptVQQuantizer
 from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+from optvq_hf.otvae_kernels import compiler_available
 from optvq_hf.sinkhorn import get_block_policy
 from reference_optvq import reference_equipartition_plan
 from training_helpers import free_port
@@ -290,6 +291,17 @@ def test_fused_training_pass_matches_float64_autograd(hard, normalization, tempe
     recomputed in backward) against the dense float64 autograd graph on the same uniforms. Covers the shared-kernel
     path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
     _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "eager", monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile cannot build CPU kernels here")
+@pytest.mark.parametrize("hard, normalization, temperature, logit_scale", [(False, "all", 1.0, 1.0),
+                                                                          (True, "all", 0.7, 0.6)])
+def test_compiled_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
+    """The compiled kernels (one per direction over the whole batch, Inductor's C++) against the same float64
+    reference: the default path (T = 1, shared kernel, soft) and the other branches (T != 1, own target weights,
+    hard). Compiles four kernels (tens of seconds on a loaded machine; Inductor's disk cache makes reruns fast)."""
+    _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "compiled", monkeypatch)
 
 
 def _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, kernel, monkeypatch):
