@@ -383,28 +383,27 @@ class OTVAEQuantizer(CodebookQuantizer):
         plan = torch.compiler.disable(sinkhorn_plan) if torch.compiler.is_compiling() else sinkhorn_plan
         return plan(flat, codebook, self.epsilon, self.num_iters, self.normalization, process_group=self.sync_group())
 
+    def _training_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
+        """The training pass: the plan's potentials, then the fused loss and Gumbel decoding (`_GumbelDecode`).
+
+        The loss and the decoding share each entry's logits, and the targets are rebuilt there from the plan's
+        potentials (no (N, K) targets; the plan's passes run in the module's workspace). The logits' scale is the
+        plan's own (global under sync), times logit_scale."""
+        plan = sinkhorn_plan_potentials(flat, codebook, self.epsilon, self.num_iters, self.normalization,
+                                        process_group=self.sync_group(), workspace=self.sinkhorn_workspace)
+        return _GumbelDecode.apply(flat, codebook, plan.code_potentials, plan.distance_scale,
+                                   self.logit_scale * plan.distance_scale, self.commitment_weight,
+                                   self.gumbel_temperature, self.gumbel_hard, self.resolved_training_kernel(flat))
+
     def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
         """OT cross-entropy loss (train and eval alike); the Gumbel-softmax decoding in training and the nearest
         code at inference. Layouts, heads, dtypes and statistics are handled by `CodebookQuantizer.forward`."""
         if flat.shape[0] == 0:
             return flat, flat.sum() * 0.0 + codebook.sum() * 0.0, flat.new_zeros(0, dtype=torch.long)
         if self.training:
-            if torch.compiler.is_compiling():  # tensor ops only, so a compiled graph does not break
-                targets = self.targets(flat, codebook)
-                distances = torch.cdist(flat, codebook)
-                logits = distances * -self.distance_scale(flat, codebook, distances)
-                loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
-                weights = gumbel_softmax(logits, self.gumbel_temperature, self.gumbel_hard)
-                return weights @ codebook, loss, weights.detach().argmax(dim=1)
-            # One fused pass, block by block: the loss and the Gumbel decoding share each block's logits, and the
-            # targets are rebuilt there from the plan's potentials (no (N, K) targets; the plan's passes run in the
-            # module's workspace). The logits' scale is the plan's own (global under sync), times logit_scale.
-            plan = sinkhorn_plan_potentials(flat, codebook, self.epsilon, self.num_iters, self.normalization,
-                                            process_group=self.sync_group(), workspace=self.sinkhorn_workspace)
-            return _GumbelDecode.apply(flat, codebook, plan.code_potentials, plan.distance_scale,
-                                       self.logit_scale * plan.distance_scale, self.commitment_weight,
-                                       self.gumbel_temperature, self.gumbel_hard,
-                                       self.resolved_training_kernel(flat))
+            if torch.compiler.is_compiling():  # one compiled-graph boundary (the plan reads values back anyway)
+                return torch.compiler.disable(self._training_rows)(flat, codebook)
+            return self._training_rows(flat, codebook)
         # Block by block with its own backward: no (N, K) logits or softmax kept for backward.
         targets = self.targets(flat, codebook)
         scale = self.distance_scale(flat, codebook)
