@@ -302,6 +302,16 @@ def test_compiled_training_pass_matches_float64_autograd(hard, normalization, te
     reference: the default path (T = 1, shared kernel, soft) and the other branches (T != 1, own target weights,
     hard). Compiles four kernels (tens of seconds on a loaded machine; Inductor's disk cache makes reruns fast)."""
     _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "compiled", monkeypatch)
+    # the row count is a dynamic dimension: another batch size runs the same compiled kernels
+    from torch._dynamo.utils import counters
+
+    quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
+                               gumbel_temperature=temperature, logit_scale=logit_scale, training_kernel="compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    flat = torch.randn(333, 2, requires_grad=True)
+    decoded, loss, _ = quantizer.train().quantize_rows(flat, quantizer.codebook)
+    (decoded.sum() + loss).backward()
+    assert counters["stats"]["unique_graphs"] == graphs and torch.isfinite(flat.grad).all()
 
 
 def _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, kernel, monkeypatch):
@@ -358,17 +368,21 @@ def test_training_pass_keeps_no_rows_by_codes_tensor_and_same_seed_same_tokens()
 
 
 def test_noise_is_standard_exponential_and_independent_between_neighbours():
-    """The counter-based noise: the package's int64 hash equals the numpy uint32 version written above bit for bit,
+    """The counter-based noise: the package's hash (numpy uint32 eagerly on CPU, int64 tensors elsewhere) equals the
+    numpy version written above bit for bit,
     its uniforms are the 2^23 midpoints, E = -log u passes a Kolmogorov-Smirnov test against Exp(1) and has its
     moments, and neighbouring pairs (next code, next row, next seed) are uncorrelated and jointly uniform."""
-    from optvq_hf.otvae_kernels import exponential_noise, noise_keys, uniform_noise
+    from optvq_hf.otvae_kernels import exponential_noise, mix32, noise_keys, uniform_noise
 
     torch.manual_seed(11)
     seed = int(torch.empty((), dtype=torch.int64).random_())
     rows, codes = 1024, 1024
-    uniforms = uniform_noise(*noise_keys(seed, 0, rows, codes, "cpu"))
-    torch.manual_seed(11)
+    row_keys, code_keys = noise_keys(seed, 0, rows, codes, "cpu")
+    uniforms = uniform_noise(row_keys, code_keys)  # eager CPU: numpy uint32
     assert torch.equal(uniforms.double(), _fused_pass_uniforms(11, (rows, codes)))
+    # the int64 tensor version (compiled kernels, accelerators) has the same bits
+    keys = mix32((row_keys[:, None] + code_keys[None, :]) & 0xFFFFFFFF)
+    assert torch.equal(((keys >> 9).to(torch.float32) + 0.5) * 2.0 ** -23, uniforms)
     # a block of rows further down is the same stream's rows
     assert torch.equal(uniform_noise(*noise_keys(seed, 100, 300, codes, "cpu")), uniforms[100:300])
     assert uniforms.dtype == torch.float32 and 0 < uniforms.min() and uniforms.max() < 1

@@ -22,14 +22,15 @@ How our implementation reads the paper (the summary available to us gives the me
   distances normalized over the batch, `normalization`), inverse temperature `epsilon`, `num_iters` rounds and exact
   marginals, each row rescaled to sum to 1; they carry no gradient. In training under `torch.distributed` the plan
   covers the global batch (`sync_across_ranks`, `process_group`), and so does `sigma`; eval mode never communicates.
-  In training the plan's rows are rebuilt block by block from its potentials
+  In training the plan's rows are rebuilt entry by entry from its potentials
   ([`~optvq_hf.sinkhorn.sinkhorn_plan_potentials`]: `q_i = softmax_j(-k * ||z_i - c_j|| + b_j)`), so no `(N, K)`
   targets exist;
-* loss = `commitment_weight * mean_i CE(q_i, p_i)`, block by block without `(N, K)` matrices kept for backward (in
-  training one fused pass with the decoding, `_GumbelDecode`);
-* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard. On CPU
-  the fused pass draws its uniforms from numpy's PCG64 seeded by torch's default generator (`torch.manual_seed` fixes
-  them), and draws them again in backward instead of keeping the sample.
+* loss = `commitment_weight * mean_i CE(q_i, p_i)`, without `(N, K)` matrices kept for backward (in training one
+  fused pass with the decoding, `_GumbelDecode`, whose per-entry math lives in `optvq_hf.otvae_kernels` and runs as
+  compiled kernels or eagerly block by block: `training_kernel`);
+* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard. The
+  noise of pair (row, code) is a hash of the pair and a seed (one draw from the device's default generator, so
+  `torch.manual_seed` fixes it), computed again in backward instead of keeping the sample.
 
 The member shares [`CodebookQuantizer`]'s parameters and interface (codebook table + optional shared projection,
 heads, token layout, `embed_tokens`, statistics), so models, checkpoints and tools treat the whole family alike.
@@ -75,8 +76,8 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     """`softmax((logits + g) / temperature)` over the last axis with `g` standard Gumbel noise, as
     `torch.nn.functional.gumbel_softmax`; `hard=True` returns the one-hot of its argmax with the soft sample's
     gradient (straight-through). The noise is `-log(-log(u))` of uniform `u`: on CPU about 5x faster per entry than
-    the `exponential_` draw of torch's version. (`OTVAEQuantizer` uses it on its dense path, under `torch.compile`;
-    its eager training pass draws its own noise, see `_UniformDraws`.)"""
+    the `exponential_` draw of torch's version. (`OTVAEQuantizer`'s training pass does not use it: its noise is
+    counter based, see `optvq_hf.otvae_kernels.exponential_noise`.)"""
     gumbels = torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_().neg_()
     soft = torch.softmax((logits + gumbels) / temperature, dim=-1)
     if not hard:
@@ -85,7 +86,7 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     return one_hot - soft.detach() + soft
 
 
-# Entries per block of the fused training pass, by the engine's block policy (sinkhorn.set_block_policy): with passive
+# Entries per block of the eager training pass, by the engine's block policy (sinkhorn.set_block_policy): with passive
 # OpenMP threads, 1 MiB float32 buffers that stay in cache; with spinning ones (OpenMP's default), each of the pass's
 # many parallel ops ends in a barrier that can cost a scheduler slice when other processes compete for the cores, and
 # 16 MiB blocks were 3x faster than 1 MiB ones at load 6 (docs/benchmarks.md); accelerators: fewer kernel launches.
