@@ -104,6 +104,12 @@ def _distance_builder(distance, features, codes_t):
     return build
 
 
+def _per_coordinate(block: torch.Tensor, vectors_t: torch.Tensor) -> torch.Tensor:
+    """`block @ vectors_t.T` `(n, d)` as one matrix-vector product per coordinate (a matmul with few output columns is
+    several times slower on CPU)."""
+    return torch.stack([torch.mv(block, vector) for vector in vectors_t], dim=1)
+
+
 def forward_rows(distance, features, codes_t, decode_t, code_weights, logit_scale, target_scale, row_keys,
                  code_keys, *, shared: bool, clamp: bool, temperature: float, fused: bool):
     """The forward sums of a block of rows.
@@ -157,7 +163,7 @@ def forward_rows(distance, features, codes_t, decode_t, code_weights, logit_scal
     if fused:
         decoded_sums = torch.stack([(sample() * decode_t[k][None, :]).sum(dim=1) for k in range(decode_t.shape[0])], 1)
     else:
-        decoded_sums = sample() @ decode_t.t()
+        decoded_sums = _per_coordinate(sample(), decode_t)
     return row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids
 
 
@@ -215,7 +221,7 @@ def backward_rows(distance, features, codes_t, decode_t, raw_features, code_weig
         if code_rows is not None:
             decoding = torch.stack([(sample() * code_rows[:, k, None]).sum(dim=0) for k in dims])
     else:
-        code_sums = grad_distance() @ decode_t.t()
+        code_sums = _per_coordinate(grad_distance(), decode_t)
         feature_sums = raw_features.t() @ grad_distance()
         code_weight_sums = grad_distance().sum(dim=0)
         if code_rows is not None:
