@@ -46,7 +46,8 @@ from torch import nn
 
 from .codebook_losses import distance_cross_entropy, distance_std
 from .otvae_kernels import (BACKWARD_ROW_ARGUMENTS, FORWARD_ROW_ARGUMENTS, backward_rows, compiled_backward,
-                            compiled_forward, compiler_available, forward_rows, noise_keys, run_compiled)
+                            compiled_forward, compiler_available, forward_rows, noise_keys, row_sums_from_moments,
+                            run_compiled)
 from .quantization import CodebookQuantizer, register_quantizer
 from .sinkhorn import (_EXP_FLOOR, VALID_NORMALIZATIONS, SinkhornWorkspace, _Distances, get_block_policy,
                        sinkhorn_plan, sinkhorn_plan_potentials)
@@ -152,7 +153,7 @@ class _GumbelDecode(torch.autograd.Function):
         if kernel == "compiled":
             try:
                 row_keys, code_keys = noise_keys(seed, 0, num_rows, num_codes, device)
-                results = run_compiled(compiled_forward(device.type, **flags),
+                results = run_compiled(compiled_forward(device.type, shared, temperature),
                                        (distances.features, distances.codebook_t, decode_t, code_weights, *scales,
                                         row_keys, code_keys), FORWARD_ROW_ARGUMENTS)
             except Exception as error:  # noqa: BLE001 - any compiler failure: this process stays eager
@@ -167,13 +168,14 @@ class _GumbelDecode(torch.autograd.Function):
                 blocks.append(forward_rows(distances.block(start, stop, out=buffer[: stop - start]), None, None,
                                            decode_t, code_weights, *scales, row_keys, code_keys, fused=False, **flags))
             results = [None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks)]
-        row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids = results
+        (row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids,
+         *moments) = results
         mean_codes = decoded_sums / sample_sums[:, None]  # y @ codebook, the soft sample's decoding
         decoded = codebook.detach()[token_ids] if hard else mean_codes.clone()  # (mean_codes is saved)
         # the loss: CE_i = log sum_j P - sum_j q L' (the rows of q sum to 1)
         total = (prob_sums.log() - cross / target_sums).sum(dtype=wide)
         ctx.save_for_backward(features, codebook, token_ids, row_min, prob_sums, target_sums, target_max,
-                              sample_sums, sample_max, mean_codes)
+                              sample_sums, sample_max, mean_codes, *moments)
         ctx.code_weights, ctx.seed, ctx.kernel, ctx.flags = code_weights, seed, kernel, flags
         ctx.scale, ctx.target_scale, ctx.weight, ctx.hard = scale, target_scale, weight, hard
         ctx.mark_non_differentiable(token_ids)
@@ -183,7 +185,7 @@ class _GumbelDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_decoded, grad_loss, _grad_ids):
         (features, codebook, token_ids, row_min, prob_sums, target_sums, target_max, sample_sums, sample_max,
-         mean_codes) = ctx.saved_tensors
+         mean_codes, *moments) = ctx.saved_tensors
         flags, temperature = ctx.flags, ctx.flags["temperature"]
         num_rows, num_codes = features.shape[0], codebook.shape[0]
         device = features.device
@@ -209,7 +211,7 @@ class _GumbelDecode(torch.autograd.Function):
         if kernel == "compiled":
             try:
                 row_keys, code_keys = noise_keys(ctx.seed, 0, num_rows, num_codes, device)
-                results = run_compiled(compiled_backward(device.type, hard=ctx.hard, any_zero=any_zero, **flags),
+                results = run_compiled(compiled_backward(device.type, flags["shared"], temperature, ctx.hard),
                                        (distances.features, distances.codebook_t, decode_t, features, ctx.code_weights,
                                         *scales, row_keys, code_keys, *row_stats), BACKWARD_ROW_ARGUMENTS)
             except Exception as error:  # noqa: BLE001 - any compiler failure: this process stays eager
@@ -217,20 +219,20 @@ class _GumbelDecode(torch.autograd.Function):
         if kernel == "eager":
             rows = _block_rows(num_codes, device)
             buffer = features.new_empty(min(rows, num_rows), num_codes)
-            row_parts, code_totals = [], None
+            code_totals = None
             for start in range(0, num_rows, rows):
                 stop = min(start + rows, num_rows)
                 row_keys, code_keys = noise_keys(ctx.seed, start, stop, num_codes, device)
                 block_stats = [None if stat is None else stat[start:stop] for stat in row_stats]
-                row_weights, code_sums, *code_parts = backward_rows(
+                code_parts = backward_rows(
                     distances.block(start, stop, out=buffer[: stop - start]), None, None, decode_t,
                     features[start:stop], ctx.code_weights, *scales, row_keys, code_keys, *block_stats,
                     any_zero=any_zero, fused=False, **flags)
-                row_parts.append((row_weights, code_sums))
                 code_totals = code_parts if code_totals is None else [
                     None if total is None else total.add_(part) for total, part in zip(code_totals, code_parts)]
-            results = [torch.cat(parts) for parts in zip(*row_parts)] + code_totals
-        row_weights, code_sums, feature_sums, code_weight_sums, decoding = results
+            results = code_totals
+        feature_sums, code_weight_sums, decoding = results
+        row_weights, code_sums = row_sums_from_moments(*moments, loss_rows, target_rows, sample_rows, sample_offsets)
         # dD_ij/dz_i = (z_i - c_j) / D_ij and dD_ij/dc_j = (c_j - z_i) / D_ij, summed with the weights gD
         grad_features = torch.addcmul(-code_sums, features, row_weights[:, None])
         grad_codebook = codebook * code_weight_sums[:, None] - feature_sums.t()
