@@ -46,8 +46,7 @@ from torch import nn
 
 from .codebook_losses import distance_cross_entropy, distance_std
 from .otvae_kernels import (BACKWARD_ROW_ARGUMENTS, FORWARD_ROW_ARGUMENTS, backward_rows, compiled_backward,
-                            compiled_forward, compiler_available, forward_rows, noise_keys, row_sums_from_moments,
-                            run_compiled)
+                            compiled_forward, compiler_available, forward_rows, noise_keys, run_compiled)
 from .quantization import CodebookQuantizer, register_quantizer
 from .sinkhorn import (_EXP_FLOOR, VALID_NORMALIZATIONS, SinkhornWorkspace, _Distances, get_block_policy,
                        sinkhorn_plan, sinkhorn_plan_potentials)
@@ -168,14 +167,13 @@ class _GumbelDecode(torch.autograd.Function):
                 blocks.append(forward_rows(distances.block(start, stop, out=buffer[: stop - start]), None, None,
                                            decode_t, code_weights, *scales, row_keys, code_keys, fused=False, **flags))
             results = [None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks)]
-        (row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids,
-         *moments) = results
+        row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids = results
         mean_codes = decoded_sums / sample_sums[:, None]  # y @ codebook, the soft sample's decoding
         decoded = codebook.detach()[token_ids] if hard else mean_codes.clone()  # (mean_codes is saved)
         # the loss: CE_i = log sum_j P - sum_j q L' (the rows of q sum to 1)
         total = (prob_sums.log() - cross / target_sums).sum(dtype=wide)
         ctx.save_for_backward(features, codebook, token_ids, row_min, prob_sums, target_sums, target_max,
-                              sample_sums, sample_max, mean_codes, *moments)
+                              sample_sums, sample_max, mean_codes)
         ctx.code_weights, ctx.seed, ctx.kernel, ctx.flags = code_weights, seed, kernel, flags
         ctx.scale, ctx.target_scale, ctx.weight, ctx.hard = scale, target_scale, weight, hard
         ctx.mark_non_differentiable(token_ids)
@@ -185,7 +183,7 @@ class _GumbelDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_decoded, grad_loss, _grad_ids):
         (features, codebook, token_ids, row_min, prob_sums, target_sums, target_max, sample_sums, sample_max,
-         mean_codes, *moments) = ctx.saved_tensors
+         mean_codes) = ctx.saved_tensors
         flags, temperature = ctx.flags, ctx.flags["temperature"]
         num_rows, num_codes = features.shape[0], codebook.shape[0]
         device = features.device
@@ -219,20 +217,20 @@ class _GumbelDecode(torch.autograd.Function):
         if kernel == "eager":
             rows = _block_rows(num_codes, device)
             buffer = features.new_empty(min(rows, num_rows), num_codes)
-            code_totals = None
+            row_parts, code_totals = [], None
             for start in range(0, num_rows, rows):
                 stop = min(start + rows, num_rows)
                 row_keys, code_keys = noise_keys(ctx.seed, start, stop, num_codes, device)
                 block_stats = [None if stat is None else stat[start:stop] for stat in row_stats]
-                code_parts = backward_rows(
+                row_weights, code_sums, *code_parts = backward_rows(
                     distances.block(start, stop, out=buffer[: stop - start]), None, None, decode_t,
                     features[start:stop], ctx.code_weights, *scales, row_keys, code_keys, *block_stats,
                     any_zero=any_zero, fused=False, **flags)
+                row_parts.append((row_weights, code_sums))
                 code_totals = code_parts if code_totals is None else [
                     None if total is None else total.add_(part) for total, part in zip(code_totals, code_parts)]
-            results = code_totals
-        feature_sums, code_weight_sums, decoding = results
-        row_weights, code_sums = row_sums_from_moments(*moments, loss_rows, target_rows, sample_rows, sample_offsets)
+            results = [torch.cat(parts) for parts in zip(*row_parts)] + code_totals
+        row_weights, code_sums, feature_sums, code_weight_sums, decoding = results
         # dD_ij/dz_i = (z_i - c_j) / D_ij and dD_ij/dc_j = (c_j - z_i) / D_ij, summed with the weights gD
         grad_features = torch.addcmul(-code_sums, features, row_weights[:, None])
         grad_codebook = codebook * code_weight_sums[:, None] - feature_sums.t()

@@ -16,7 +16,6 @@ The functions here compute them from the operands alone:
 
 from __future__ import annotations
 
-import logging
 import shutil
 import threading
 
@@ -33,7 +32,6 @@ _MASK32 = 0xFFFFFFFF
 _MIX_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 _UNIFORM_BITS = 23  # u = (k + 1/2) / 2^23: exact in float32, in (0, 1) strictly, so E = -log u is finite and > 0
 
-logger = logging.getLogger(__name__)
 
 
 def mix32(values: torch.Tensor) -> torch.Tensor:
@@ -130,8 +128,7 @@ def forward_rows(distance, features, codes_t, decode_t, code_weights, logit_scal
     token_ids)`: with `L' = -s (D - min_j D)`, `P = exp(L')`, `w` the targets' weights and `S` the unnormalized
     sample (`P / E` at temperature 1, else `exp((L' - log E) / T - max)`): `sum_j P`, `sum_j w`, `sum_j w L'`, the
     rows' largest `-k D + b` (`None` if `shared`) and `(L' - log E) / T` (`None` at temperature 1), `sum_j S`,
-    `(n, d)` `sum_j S c_j`, the sample's argmax, and the moments `sum_j (P / D) phi(c_j)`, `sum_j (w / D) phi(c_j)`
-    (`phi`: the first `1 + d` rows of [`moment_codes`]) and `sum_j (S / D) phi(c_j)` (all its rows), 0 where `D = 0`.
+    `(n, d)` `sum_j S c_j` and the sample's argmax.
     """
     distance = _distance_builder(distance, features, codes_t)
     row_min = distance().amin(dim=1)
@@ -165,62 +162,20 @@ def forward_rows(distance, features, codes_t, decode_t, code_weights, logit_scal
         decoded_sums = torch.stack([(sample() * decode_t[k][None, :]).sum(dim=1) for k in range(decode_t.shape[0])], 1)
     else:
         decoded_sums = _per_coordinate(sample(), decode_t)
-    # backward's row sums are linear in its per-row coefficients: the sums of P / D, w / D and S / D against the
-    # code polynomials (moment_codes) give them without a backward pass over the rows' entries
-    inverse = _expression(lambda: torch.where(distance() > 0, distance().reciprocal(), 0.0), fused)  # 0 where D = 0
-    polynomials = moment_codes(decode_t)
-    linear = 1 + decode_t.shape[0]
-    moments = []
-    for values, count in ((prob, linear), (weights, linear), (sample, polynomials.shape[0])):
-        if fused:
-            moments.append(torch.stack([(values() * inverse() * polynomials[r][None, :]).sum(dim=1)
-                                        for r in range(count)], 1))
-        else:
-            moments.append(_per_coordinate(values() * inverse(), polynomials[:count]))
-    return (row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids,
-            *moments)
-
-
-def moment_codes(decode_t: torch.Tensor) -> torch.Tensor:
-    """`(1 + d + d (d + 1) / 2, K)`: per code `1`, its coordinates `c_k`, and the products `c_k c_m` (`k <= m`, row
-    by row)."""
-    dims = decode_t.shape[0]
-    products = [decode_t[k] * decode_t[m] for k in range(dims) for m in range(k, dims)]
-    return torch.stack([torch.ones_like(decode_t[0]), *decode_t, *products])
-
-
-def row_sums_from_moments(prob_moments, weight_moments, sample_moments, loss_rows, target_rows, sample_rows,
-                          sample_offsets):
-    """Backward's row sums from the forward's moments: with `gD_ij = (P loss_rows + w target_rows + S (sample_offsets
-    + sum_k sample_rows_k c_jk)) / D_ij`, returns `sum_j gD_ij` `(n,)` and `sum_j gD_ij c_j` `(n, d)`."""
-    dims = sample_rows.shape[1]
-    coordinates = slice(1, 1 + dims)
-    second = sample_moments.new_empty(sample_moments.shape[0], dims, dims)  # sum_j S c_jk c_jm / D
-    index = 1 + dims
-    for k in range(dims):
-        for m in range(k, dims):
-            second[:, k, m] = second[:, m, k] = sample_moments[:, index]
-            index += 1
-    row_weights = (loss_rows * prob_moments[:, 0] + target_rows * weight_moments[:, 0]
-                   + sample_offsets * sample_moments[:, 0] + (sample_rows * sample_moments[:, coordinates]).sum(1))
-    code_sums = (loss_rows[:, None] * prob_moments[:, coordinates] + target_rows[:, None] * weight_moments[:, coordinates]
-                 + sample_offsets[:, None] * sample_moments[:, coordinates]
-                 + torch.bmm(sample_rows[:, None, :], second)[:, 0])
-    return row_weights, code_sums
+    return row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids
 
 
 def backward_rows(distance, features, codes_t, decode_t, raw_features, code_weights, logit_scale, target_scale,
                   row_keys, code_keys, row_min, target_max, sample_max, loss_rows, target_rows, sample_rows,
                   sample_offsets, code_rows, *, shared: bool, clamp: bool, temperature: float, any_zero: bool,
                   fused: bool):
-    """The backward's code sums of a block of rows (arguments as [`forward_rows`]'s, plus the forward's row
-    statistics).
+    """The backward sums of a block of rows (arguments as [`forward_rows`]'s, plus the forward's row statistics).
 
     With the gradient with respect to the logits written per entry as
     `G = P loss_rows + w target_rows + S (sample_rows . c_j + sample_offsets)` and `gD = G / D` (0 where `D = 0`),
-    returns `(feature_sums, code_weight_sums, decoding)`: per code `sum_i gD z_i` `(d, K)` (`raw_features` `z`),
-    `sum_i gD` `(K,)`, and `sum_i S code_rows_i` `(d, K)` (`None` if `code_rows` is `None`: hard samples). The row
-    sums come from the forward's moments ([`row_sums_from_moments`]).
+    returns `(row_weights, code_sums, feature_sums, code_weight_sums, decoding)`: per row `sum_j gD` `(n,)` and
+    `sum_j gD c_j` `(n, d)`; per code `sum_i gD z_i` `(d, K)` (`raw_features` `z`), `sum_i gD` `(K,)`, and
+    `sum_i S code_rows_i` `(d, K)` (`None` if `code_rows` is `None`: hard samples).
     """
     distance = _distance_builder(distance, features, codes_t)
     relative = _expression(lambda: (distance() - row_min[:, None]) * -logit_scale, fused)
@@ -255,18 +210,21 @@ def backward_rows(distance, features, codes_t, decode_t, raw_features, code_weig
 
     grad_distance = _expression(grad_distance, fused)
     dims = range(decode_t.shape[0])
+    row_weights = grad_distance().sum(dim=1)
     decoding = None
     if fused:
+        code_sums = torch.stack([(grad_distance() * decode_t[k][None, :]).sum(dim=1) for k in dims], 1)
         feature_sums = torch.stack([(grad_distance() * raw_features[:, k, None]).sum(dim=0) for k in dims])
         code_weight_sums = grad_distance().sum(dim=0)
         if code_rows is not None:
             decoding = torch.stack([(sample() * code_rows[:, k, None]).sum(dim=0) for k in dims])
     else:
+        code_sums = _per_coordinate(grad_distance(), decode_t)
         feature_sums = raw_features.t() @ grad_distance()
         code_weight_sums = grad_distance().sum(dim=0)
         if code_rows is not None:
             decoding = code_rows.t() @ sample()
-    return feature_sums, code_weight_sums, decoding
+    return row_weights, code_sums, feature_sums, code_weight_sums, decoding
 
 
 # Inductor's store-or-recompute thresholds, raised so that the per-entry expressions stay inlined in the reduction
