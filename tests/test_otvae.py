@@ -12,6 +12,7 @@ import torch
 
 from optvq_hf import CodebookQuantizer, OptVQConfig, OptVQModel, OptVQQuantizer
 from optvq_hf.otvae import OTVAEQuantizer, equipartition_targets
+from optvq_hf.otvae_kernels import compiler_available
 from optvq_hf.sinkhorn import get_block_policy
 from reference_optvq import reference_equipartition_plan
 from training_helpers import free_port
@@ -256,12 +257,28 @@ def test_gumbel_softmax_samples_the_categorical():
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
 
 
+def _mix32(values: np.ndarray) -> np.ndarray:
+    """The noise's 32-bit finalizer in numpy uint32 arithmetic (wrapping products), written apart from the package's
+    int64 tensor version."""
+    values = values.astype(np.uint32)
+    values ^= values >> np.uint32(16)
+    values *= np.uint32(0x21F0AAAD)
+    values ^= values >> np.uint32(15)
+    values *= np.uint32(0x735A2D97)
+    values ^= values >> np.uint32(15)
+    return values
+
+
 def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
-    """The fused pass's uniform draws on CPU, written out: numpy's PCG64 seeded by one int64 draw from torch's
-    default generator, float32 in [0, 1) (a 0 draw is a zero weight: noise -log(-log 0) = -inf)."""
+    """The training pass's uniforms, written out: one int64 draw from torch's default generator is the seed; pair
+    (i, j) gets key mix(mix(i + seed_low) + mix(j ^ seed_high)) (mod 2^32), and u = (top 23 bits + 1/2) / 2^23."""
     torch.manual_seed(seed_state)
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(shape, dtype=np.float32))
+    low, high = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+    rows = _mix32(np.arange(shape[0], dtype=np.uint32) + low)
+    codes = _mix32(np.arange(shape[1], dtype=np.uint32) ^ high)
+    keys = _mix32(rows[:, None] + codes[None, :])
+    return torch.from_numpy(((keys >> np.uint32(9)).astype(np.float64) + 0.5) / 2.0 ** 23)
 
 
 @pytest.mark.parametrize(
@@ -270,14 +287,40 @@ def _fused_pass_uniforms(seed_state: int, shape) -> torch.Tensor:
      (True, "dim", 0.7, 1.0), (False, "all", 1.0, 2.5), (True, "all", 0.7, 0.6)],
 )
 def test_fused_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
-    """The blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise drawn
-    again in backward) against the dense float64 autograd graph on the same uniform draws. Covers the shared-kernel
+    """The eager blocked training pass (its own backward, the targets rebuilt from the plan's potentials, the noise
+    recomputed in backward) against the dense float64 autograd graph on the same uniforms. Covers the shared-kernel
     path (logit_scale 1: q from p without exp) and the other one, T = 1 (P / E) and T != 1."""
+    _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "eager", monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile cannot build CPU kernels here")
+@pytest.mark.parametrize("hard, normalization, temperature, logit_scale", [(False, "all", 1.0, 1.0),
+                                                                          (True, "all", 0.7, 0.6)])
+def test_compiled_training_pass_matches_float64_autograd(hard, normalization, temperature, logit_scale, monkeypatch):
+    """The compiled kernels (one per direction over the whole batch, Inductor's C++) against the same float64
+    reference: the default path (T = 1, shared kernel, soft) and the other branches (T != 1, own target weights,
+    hard). Compiles four kernels (tens of seconds on a loaded machine; Inductor's disk cache makes reruns fast)."""
+    _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, "compiled", monkeypatch)
+    # the row count is a dynamic dimension: another batch size runs the same compiled kernels
+    from torch._dynamo.utils import counters
+
+    quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
+                               gumbel_temperature=temperature, logit_scale=logit_scale, training_kernel="compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    flat = torch.randn(333, 2, requires_grad=True)
+    decoded, loss, _ = quantizer.train().quantize_rows(flat, quantizer.codebook)
+    (decoded.sum() + loss).backward()
+    assert counters["stats"]["unique_graphs"] == graphs and torch.isfinite(flat.grad).all()
+
+
+def _check_training_pass_against_float64(hard, normalization, temperature, logit_scale, kernel, monkeypatch):
     import optvq_hf.otvae
 
     monkeypatch.setitem(optvq_hf.otvae._DECODE_BLOCK_ENTRIES, get_block_policy(), 1 << 18)  # 256 rows: 3 blocks
     quantizer = OTVAEQuantizer(8, 1024, num_heads=4, normalization=normalization, gumbel_hard=hard,
-                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale).train()
+                               gumbel_temperature=temperature, commitment_weight=0.5, logit_scale=logit_scale,
+                               training_kernel=kernel).train()
     flat = torch.randn(600, 2, requires_grad=True)  # 1,024 codes: several blocks
     torch.manual_seed(1)
     decoded, loss, token_ids = quantizer.quantize_rows(flat, quantizer.codebook)
@@ -322,3 +365,125 @@ def test_training_pass_keeps_no_rows_by_codes_tensor_and_same_seed_same_tokens()
     features.grad = None
     again.loss.backward()
     assert torch.equal(features.grad, grad)  # the replayed noise is the forward's
+
+
+def test_noise_is_standard_exponential_and_independent_between_neighbours():
+    """The counter-based noise: the package's hash (numpy uint32 eagerly on CPU, int64 tensors elsewhere) equals the
+    numpy version written above bit for bit,
+    its uniforms are the 2^23 midpoints, E = -log u passes a Kolmogorov-Smirnov test against Exp(1) and has its
+    moments, and neighbouring pairs (next code, next row, next seed) are uncorrelated and jointly uniform."""
+    from optvq_hf.otvae_kernels import exponential_noise, mix32, noise_keys, uniform_noise
+
+    torch.manual_seed(11)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    rows, codes = 1024, 1024
+    row_keys, code_keys = noise_keys(seed, 0, rows, codes, "cpu")
+    uniforms = uniform_noise(row_keys, code_keys)  # eager CPU: numpy uint32
+    assert torch.equal(uniforms.double(), _fused_pass_uniforms(11, (rows, codes)))
+    # the int64 tensor version (compiled kernels, accelerators) has the same bits
+    keys = mix32((row_keys[:, None] + code_keys[None, :]) & 0xFFFFFFFF)
+    assert torch.equal(((keys >> 9).to(torch.float32) + 0.5) * 2.0 ** -23, uniforms)
+    # a block of rows further down is the same stream's rows
+    assert torch.equal(uniform_noise(*noise_keys(seed, 100, 300, codes, "cpu")), uniforms[100:300])
+    assert uniforms.dtype == torch.float32 and 0 < uniforms.min() and uniforms.max() < 1
+    steps = uniforms.double() * 2 ** 23 - 0.5
+    assert torch.equal(steps, steps.round())
+    noise = exponential_noise(*noise_keys(seed, 0, rows, codes, "cpu")).double()
+    assert torch.isfinite(noise).all() and noise.min() > 0 and noise.max() < 16.7
+    values = np.sort(noise.flatten().numpy())
+    n = values.size
+    empirical = np.arange(1, n + 1) / n
+    ks = max(np.abs(empirical - (1 - np.exp(-values))).max(), np.abs(empirical - 1 / n - (1 - np.exp(-values))).max())
+    assert ks < 1.95 / n ** 0.5  # the KS test's 0.1 % critical value
+    # Exp(1): mean 1, variance 1, third moment 6 (standard errors 0.001, 0.003, 0.02 at n = 2^20)
+    assert abs(values.mean() - 1) < 0.006 and abs(values.var() - 1) < 0.02 and abs((values ** 3).mean() - 6) < 0.15
+    centered = uniforms.double() - 0.5
+    other_seed = uniform_noise(*noise_keys(seed + 1, 0, rows, codes, "cpu")).double() - 0.5
+    for first, second in [(centered[:, :-1], centered[:, 1:]), (centered[:-1], centered[1:]), (centered, other_seed)]:
+        correlation = float((first * second).mean() / (first.std() * second.std()))
+        assert abs(correlation) < 5 / first.numel() ** 0.5
+        # the pairs fill an 8 x 8 grid evenly: chi-square with 63 degrees of freedom (mean 63, sd 11.2)
+        cells = ((first + 0.5) * 8).long() * 8 + ((second + 0.5) * 8).long()
+        counts = torch.bincount(cells.flatten(), minlength=64).double()
+        expected = first.numel() / 64
+        assert float(((counts - expected) ** 2 / expected).sum()) < 63 + 6 * 11.2
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile cannot build CPU kernels here")
+def test_compiled_noise_has_the_same_bits():
+    """Inductor's C++ (vectorized int64 arithmetic) gives the eager hash's bits."""
+    from optvq_hf.otvae_kernels import noise_keys, uniform_noise
+
+    keys = noise_keys(2 ** 62 + 12345, 7, 7 + 333, 1000, "cpu")
+    compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(*keys), uniform_noise(*keys))
+
+
+def test_training_kernel_option_and_auto_choice():
+    quantizer = OTVAEQuantizer(8, 1024, num_heads=4)
+    assert quantizer.training_kernel == "auto"
+    assert quantizer.resolved_training_kernel(torch.empty(1000, 2)) == "eager"  # small: compiling does not pay
+    big = torch.empty(1 << 12, 2)  # 4,096 rows x 1,024 codes = 2^22 pairs
+    assert quantizer.resolved_training_kernel(big) == ("compiled" if compiler_available() else "eager")
+    assert quantizer.resolved_training_kernel(torch.empty(1 << 12, 16)) == "eager"  # wide codes: eager
+    quantizer.training_kernel = "eager"
+    assert quantizer.resolved_training_kernel(big) == "eager"
+    with pytest.raises(ValueError, match="training_kernel"):
+        quantizer.training_kernel = "fast"
+    with pytest.raises(ValueError, match="training_kernel"):
+        OTVAEQuantizer(8, 16, training_kernel="triton")
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile cannot build CPU kernels here")
+def test_a_failing_compiler_falls_back_to_the_eager_pass(monkeypatch):
+    """A compiled kernel that cannot be built (here: Inductor pointed at a C++ compiler that does not exist) warns
+    once, and the step runs eagerly with the same values; "auto" stays eager for the rest of the process."""
+    import torch._inductor.config as inductor_config
+
+    import optvq_hf.otvae
+
+    monkeypatch.setattr(optvq_hf.otvae, "_compile_failures", [])
+    quantizer = OTVAEQuantizer(8, 64, num_heads=4, gumbel_temperature=0.37).train()  # a kernel no test compiled
+    features = torch.randn(4, 8, 4, 4, requires_grad=True)
+
+    def step(kernel):
+        quantizer.training_kernel = kernel
+        torch.manual_seed(2)
+        out = quantizer(features)
+        return out, torch.autograd.grad(out.quantized.sum() + out.loss, features)[0]
+
+    expected, expected_grad = step("eager")
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
+        with pytest.warns(RuntimeWarning, match="compiled training kernel failed"):
+            out, grad = step("compiled")
+    assert torch.equal(out.token_ids, expected.token_ids) and torch.equal(out.quantized, expected.quantized)
+    assert torch.equal(grad, expected_grad)
+    quantizer.training_kernel = "auto"
+    assert quantizer.resolved_training_kernel(torch.empty(1 << 16, 2)) == "eager"
+
+
+def test_compiled_model_trains_through_the_fused_pass():
+    """torch.compile of a whole OT-VAE model in training: the quantizer's training pass is one compiled-graph
+    boundary (the plan reads values back), so no N x K matrix is built under compile either; the step matches eager."""
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig.from_preset("otvae-mnist", codebook_size=256)).train()
+    model.quantizer.training_kernel = "eager"
+    explanation = torch._dynamo.explain(model.quantizer)(torch.randn(2, 8, 4, 4))
+    assert explanation.graph_break_count == 1
+    pixels = torch.rand(4, 1, 32, 32) * 2 - 1
+
+    def step(module):
+        torch.manual_seed(5)
+        out = module(pixel_values=pixels)
+        loss = (out.reconstruction - pixels).abs().mean() + out.quantization_loss
+        return out, torch.autograd.grad(loss, list(model.parameters()))
+
+    expected, expected_grads = step(model)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out, grads = step(torch.compile(model, backend="aot_eager"))
+    assert torch.equal(out.token_ids, expected.token_ids)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    rows = 4 * 8 * 8 * model.config.num_heads
+    assert max(saved) < rows * 256 // 2  # half the quantizer's rows x codes (the network's largest is less)

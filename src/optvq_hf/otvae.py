@@ -22,14 +22,15 @@ How our implementation reads the paper (the summary available to us gives the me
   distances normalized over the batch, `normalization`), inverse temperature `epsilon`, `num_iters` rounds and exact
   marginals, each row rescaled to sum to 1; they carry no gradient. In training under `torch.distributed` the plan
   covers the global batch (`sync_across_ranks`, `process_group`), and so does `sigma`; eval mode never communicates.
-  In training the plan's rows are rebuilt block by block from its potentials
+  In training the plan's rows are rebuilt entry by entry from its potentials
   ([`~optvq_hf.sinkhorn.sinkhorn_plan_potentials`]: `q_i = softmax_j(-k * ||z_i - c_j|| + b_j)`), so no `(N, K)`
   targets exist;
-* loss = `commitment_weight * mean_i CE(q_i, p_i)`, block by block without `(N, K)` matrices kept for backward (in
-  training one fused pass with the decoding, `_GumbelDecode`);
-* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard. On CPU
-  the fused pass draws its uniforms from numpy's PCG64 seeded by torch's default generator (`torch.manual_seed` fixes
-  them), and draws them again in backward instead of keeping the sample.
+* loss = `commitment_weight * mean_i CE(q_i, p_i)`, without `(N, K)` matrices kept for backward (in training one
+  fused pass with the decoding, `_GumbelDecode`, whose per-entry math lives in `optvq_hf.otvae_kernels` and runs as
+  compiled kernels or eagerly block by block: `training_kernel`);
+* Gumbel-softmax with temperature `gumbel_temperature`, soft (`gumbel_hard=False`) or straight-through hard. The
+  noise of pair (row, code) is a hash of the pair and a seed (one draw from the device's default generator, so
+  `torch.manual_seed` fixes it), computed again in backward instead of keeping the sample.
 
 The member shares [`CodebookQuantizer`]'s parameters and interface (codebook table + optional shared projection,
 heads, token layout, `embed_tokens`, statistics), so models, checkpoints and tools treat the whole family alike.
@@ -40,14 +41,15 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
 from .codebook_losses import distance_cross_entropy, distance_std
+from .otvae_kernels import (BACKWARD_ROW_ARGUMENTS, FORWARD_ROW_ARGUMENTS, backward_rows, compiled_backward,
+                            compiled_forward, compiler_available, forward_rows, noise_keys, run_compiled)
 from .quantization import CodebookQuantizer, register_quantizer
-from .sinkhorn import (_EXP_FLOOR, VALID_NORMALIZATIONS, SinkhornWorkspace, _Distances, _first_extreme_per_row,
-                       get_block_policy, sinkhorn_plan, sinkhorn_plan_potentials)
+from .sinkhorn import (_EXP_FLOOR, VALID_NORMALIZATIONS, SinkhornWorkspace, _Distances, get_block_policy,
+                       sinkhorn_plan, sinkhorn_plan_potentials)
 
 __all__ = ["OTVAEQuantizer", "equipartition_targets", "gumbel_softmax"]
 
@@ -74,8 +76,8 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     """`softmax((logits + g) / temperature)` over the last axis with `g` standard Gumbel noise, as
     `torch.nn.functional.gumbel_softmax`; `hard=True` returns the one-hot of its argmax with the soft sample's
     gradient (straight-through). The noise is `-log(-log(u))` of uniform `u`: on CPU about 5x faster per entry than
-    the `exponential_` draw of torch's version. (`OTVAEQuantizer` uses it on its dense path, under `torch.compile`;
-    its eager training pass draws its own noise, see `_UniformDraws`.)"""
+    the `exponential_` draw of torch's version. (`OTVAEQuantizer`'s training pass does not use it: its noise is
+    counter based, see `optvq_hf.otvae_kernels.exponential_noise`.)"""
     gumbels = torch.empty_like(logits).uniform_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_().neg_()
     soft = torch.softmax((logits + gumbels) / temperature, dim=-1)
     if not hard:
@@ -84,7 +86,7 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float = 1.0, hard: bool = 
     return one_hot - soft.detach() + soft
 
 
-# Entries per block of the fused training pass, by the engine's block policy (sinkhorn.set_block_policy): with passive
+# Entries per block of the eager training pass, by the engine's block policy (sinkhorn.set_block_policy): with passive
 # OpenMP threads, 1 MiB float32 buffers that stay in cache; with spinning ones (OpenMP's default), each of the pass's
 # many parallel ops ends in a barrier that can cost a scheduler slice when other processes compete for the cores, and
 # 16 MiB blocks were 3x faster than 1 MiB ones at load 6 (docs/benchmarks.md); accelerators: fewer kernel launches.
@@ -95,74 +97,42 @@ _ACCELERATOR_DECODE_BLOCK_ENTRIES = 1 << 22
 _SHARED_KERNEL_SPREAD = 60.0
 
 
-class _UniformDraws:
-    """The uniform draws of the fused pass's Gumbel noise, block by block, and the same draws again for the backward
-    ([`replay`]), so that no noise is kept.
-
-    On CPU the draws come from numpy's PCG64 (about 1.5x to 2x faster per entry than torch's CPU `uniform_`, which
-    dominated the pass), seeded by one 63-bit draw from torch's default CPU generator: `torch.manual_seed` fixes
-    them. numpy's float32 draws are the multiples of `2^-24` in `[0, 1)`; a 0 draw (probability `2^-24`) gives the
-    noise `E = -log u = inf`, i.e. a zero weight in the sample, where torch's `uniform_(tiny, 1.0)` would give
-    `E = 87.3` (an equally negligible weight). On CUDA they are `uniform_(tiny, 1.0)` from the device's default
-    generator, replayed from a copy of its state. Elsewhere they cannot be replayed (`replay` returns `None`).
-    """
-
-    def __init__(self, device: torch.device, seed: int | None = None, generator_state=None):
-        self.device = device
-        self.generator = None
-        if device.type == "cpu":
-            if seed is None:
-                seed = int(torch.empty((), dtype=torch.int64).random_())  # from the default generator
-            self.seed, self.numpy_generator = seed, np.random.Generator(np.random.PCG64(seed))
-        elif device.type == "cuda":
-            if generator_state is None:
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                generator_state = torch.cuda.default_generators[index].get_state()
-            else:
-                self.generator = torch.Generator(device=device)
-                self.generator.set_state(generator_state)
-            self.generator_state = generator_state
-        self.tiny = torch.finfo(torch.float32).tiny
-
-    def fill(self, out: torch.Tensor) -> torch.Tensor:
-        """Fill the contiguous float32 `out` with the next draws."""
-        if self.device.type == "cpu":
-            self.numpy_generator.random(dtype=np.float32, out=out.numpy())
-            return out
-        return out.uniform_(self.tiny, 1.0, generator=self.generator)
-
-    def replay(self) -> _UniformDraws | None:
-        """A stream that draws this one's values again from the start (`None` where that is not possible)."""
-        if self.device.type == "cpu":
-            return _UniformDraws(self.device, seed=self.seed)
-        if self.device.type == "cuda":
-            return _UniformDraws(self.device, generator_state=self.generator_state)
-        return None
+# The fused training pass runs its per-entry math compiled (otvae_kernels.compiled_forward / compiled_backward) from
+# this many (row, code) pairs on (OTVAEQuantizer.training_kernel = "auto", CPU, a code dimension of at most
+# _COMPILE_MAX_DIM): below it, compiling (seconds, once per process) does not pay, and the test suite stays eager.
+_COMPILE_MIN_ENTRIES = 1 << 22
+_COMPILE_MAX_DIM = 8
+TRAINING_KERNELS = ("auto", "compiled", "eager")
+_compile_failures: list[str] = []  # a compiled kernel raised: "auto" stays eager for the rest of the process
 
 
 class _GumbelDecode(torch.autograd.Function):
-    """OT-VAE's training pass, block by block with its own backward: the cross-entropy of `p = softmax(-s D)` to the
-    targets `q = softmax(-k D + b)` (the Sinkhorn plan's rows, rebuilt from its
-    [`~optvq_hf.sinkhorn.PlanPotentials`]) and the Gumbel-softmax decoding `y @ codebook`, with `D` the Euclidean
-    distances from the Sinkhorn engine's distance blocks. Nothing of size `N x K` is kept for backward: per block,
-    the distances, `p`, `q` and the sample `y` are recomputed, the Gumbel noise drawn again from a copy of the
-    generator's state taken before the forward drew it (on devices whose generator cannot be copied, the samples are
-    kept instead).
+    """OT-VAE's training pass with its own backward: the cross-entropy of `p = softmax(-s D)` to the targets
+    `q = softmax(-k D + b)` (the Sinkhorn plan's rows, rebuilt from its [`~optvq_hf.sinkhorn.PlanPotentials`]) and the
+    Gumbel-softmax decoding `y @ codebook`, with `D` the Euclidean distances (on the Sinkhorn engine's centered,
+    power-of-two scaled operands). Nothing of size `N x K` is kept for backward: the per-entry math
+    ([`~optvq_hf.otvae_kernels.forward_rows`], [`~optvq_hf.otvae_kernels.backward_rows`]) returns row and code sums
+    only, and backward recomputes the distances, `p`, `q` and the sample, its noise included: the noise is a hash of
+    (seed, row, code) ([`~optvq_hf.otvae_kernels.exponential_noise`]), the seed one draw from the device's default
+    generator. `kernel` `"compiled"` runs it as one compiled kernel per direction over the whole batch, `"eager"`
+    block by block (the engine's block policy sets the block size).
 
-    Per block, with `L' = logits - max_j logits <= 0` (clamped at `_EXP_FLOOR`) and `P = exp(L')`:
+    With `L' = -s (D - min_j D)` (clamped at `_EXP_FLOOR` before `exp` where needed) and `P = exp(L')`:
 
     * `p = P / sum_j P`, and the loss row `CE_i = sum_j q_ij (logsumexp_j logits - logits_ij)
       = log sum_j P_ij - sum_j q_ij L'_ij` (the rows of `q` sum to 1);
     * `q = P e^b / sum_j P e^b` when `k = s` (`logit_scale = 1`: `p` is the plan's own kernel) and the code
-      potentials span at most `_SHARED_KERNEL_SPREAD` nats (no `exp`), else `exp(-k D + b - max)` normalized;
-    * the Gumbel sample `softmax((logits + g) / T)` with `g = -log E`, `E = -log u` standard exponential: for
-      `T = 1` it is `(P / E) / sum_j (P / E)` (one `log` and no `exp` per entry), otherwise
-      `exp((L' - log E) / T - max)` normalized. The uniform draws `u` are [`gumbel_softmax`]'s, in the same order,
-      so a seed gives the same sample (up to float32 rounding) as the dense graph.
+      potentials span at most `_SHARED_KERNEL_SPREAD` nats (no second `exp`), else `exp(-k D + b - max)` normalized;
+    * the Gumbel sample `softmax((logits + g) / T)` with `g = -log E`, `E` standard exponential: for `T = 1` it is
+      `(P / E) / sum_j (P / E)`, otherwise `exp((L' - log E) / T - max)` normalized.
+
+    Backward: with `gamma = d loss / d logits`, `d/dD = -s gamma` and `dD/dz = (z - c) / D`; the decoding's part is
+    `y (dy - <y, dy>) / T` with `dy_ij = g_i . c_j` and `<y, dy>_i = g_i . ybar_i` (`ybar_i` the decoded vector: no
+    extra pass).
     """
 
     @staticmethod
-    def forward(ctx, features, codebook, code_potentials, target_scale, scale, weight, temperature, hard):
+    def forward(ctx, features, codebook, code_potentials, target_scale, scale, weight, temperature, hard, kernel):
         num_rows, num_codes = features.shape[0], codebook.shape[0]
         device = features.device
         distances = _Distances(features.detach(), codebook.detach(), None, name="otvae")
@@ -170,184 +140,120 @@ class _GumbelDecode(torch.autograd.Function):
         # no logit lies more than s * diam(codebook) below its row's largest (triangle inequality): clamp only if
         # that can reach _EXP_FLOOR
         clamp = logit_scale * 2 * float(distances.codebook.norm(dim=1).max()) > -_EXP_FLOOR
-        block_entries = (_DECODE_BLOCK_ENTRIES[get_block_policy()] if device.type == "cpu"
-                         else _ACCELERATOR_DECODE_BLOCK_ENTRIES)
-        rows = max(1, block_entries // num_codes)
         wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         potentials = code_potentials.to(wide)
         potentials = potentials - potentials.max()
         shared = target_scale == scale and float(potentials.min()) >= -_SHARED_KERNEL_SPREAD
         code_weights = potentials.exp().float() if shared else potentials.float()  # e^b, or b
-        codes_t = codebook.detach().t().contiguous()
-        draws = _UniformDraws(device)
-        replay = draws.replay()
-
-        mean_codes_t = features.new_empty(codebook.shape[1], num_rows)  # (y @ codebook)^T: contiguous mv outputs
-        token_ids = torch.empty(num_rows, dtype=torch.long, device=device)
-        row_min = features.new_empty(num_rows)  # each row's smallest lambda * D
-        prob_sums = features.new_empty(num_rows)  # sum_j P
-        target_sums = features.new_empty(num_rows)  # sum_j w, the targets' weights (q = w / sum_j w)
-        cross = features.new_empty(num_rows)  # sum_j w L'
-        target_max = features.new_empty(num_rows)  # (not shared) each row's largest -k D + b
-        sample_sums = features.new_empty(num_rows)
-        sample_max = features.new_empty(num_rows)  # (T != 1) each row's largest (L' - log E) / T
-        samples = [] if replay is None else None
-        logits, prob, noise = _block_buffers(3, rows, num_codes, features)  # few buffers: they stay in cache
-        for start in range(0, num_rows, rows):
-            stop = min(start + rows, num_rows)
-            size = stop - start
-            distance_block = distances.block(start, stop, out=logits[:size])  # lambda * D
-            torch.amin(distance_block, dim=1, out=row_min[start:stop])
-            if not shared:  # w = exp(-k D + b - max), from the distances before they become the logits
-                weights = _target_weights(distance_block, code_weights, target_scale_block, noise[:size],
-                                          target_max[start:stop], recompute=False)
-                torch.sum(weights, dim=1, out=target_sums[start:stop])
-            logits_block = _relative_logits(distance_block, row_min[start:stop], logit_scale, distance_block)
-            prob_block = _exp(logits_block, clamp, out=prob[:size])
-            torch.sum(prob_block, dim=1, out=prob_sums[start:stop])
-            if shared:  # w = P e^b
-                torch.mv(prob_block, code_weights, out=target_sums[start:stop])
-                torch.mv(torch.mul(prob_block, logits_block, out=noise[:size]), code_weights, out=cross[start:stop])
-            else:
-                torch.sum(weights.mul_(logits_block), dim=1, out=cross[start:stop])
-            sample = _gumbel_sample(prob_block, logits_block, draws.fill(noise[:size]), temperature,
-                                    sample_max[start:stop], recompute=False)  # unnormalized
-            torch.sum(sample, dim=1, out=sample_sums[start:stop])
-            _first_extreme_per_row(sample, token_ids[start:stop], largest=temperature != 1.0)  # -P / E if T = 1
-            for k in range(codes_t.shape[0]):
-                torch.mv(sample, codes_t[k], out=mean_codes_t[k, start:stop])
-            if samples is not None:
-                samples.append(sample.clone())
-        mean_codes = mean_codes_t.t().div(sample_sums[:, None])  # y @ codebook, the soft sample's decoding
-        decoded = codebook.detach()[token_ids] if hard else mean_codes
+        decode_t = codebook.detach().t().contiguous()
+        seed = int(torch.empty((), dtype=torch.int64, device=device).random_())  # the device's default generator
+        scales = (features.new_tensor(logit_scale), features.new_tensor(target_scale_block))
+        flags = dict(shared=shared, clamp=clamp, temperature=temperature)
+        if kernel == "compiled":
+            try:
+                row_keys, code_keys = noise_keys(seed, 0, num_rows, num_codes, device)
+                results = run_compiled(compiled_forward(device.type, shared, temperature),
+                                       (distances.features, distances.codebook_t, decode_t, code_weights, *scales,
+                                        row_keys, code_keys), FORWARD_ROW_ARGUMENTS)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: this process stays eager
+                kernel = _compile_failed(error)
+        if kernel == "eager":
+            rows = _block_rows(num_codes, device)
+            buffer = features.new_empty(min(rows, num_rows), num_codes)
+            blocks = []
+            for start in range(0, num_rows, rows):
+                stop = min(start + rows, num_rows)
+                row_keys, code_keys = noise_keys(seed, start, stop, num_codes, device)
+                blocks.append(forward_rows(distances.block(start, stop, out=buffer[: stop - start]), None, None,
+                                           decode_t, code_weights, *scales, row_keys, code_keys, fused=False, **flags))
+            results = [None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks)]
+        row_min, prob_sums, target_sums, cross, target_max, sample_max, sample_sums, decoded_sums, token_ids = results
+        mean_codes = decoded_sums / sample_sums[:, None]  # y @ codebook, the soft sample's decoding
+        decoded = codebook.detach()[token_ids] if hard else mean_codes.clone()  # (mean_codes is saved)
         # the loss: CE_i = log sum_j P - sum_j q L' (the rows of q sum to 1)
         total = (prob_sums.log() - cross / target_sums).sum(dtype=wide)
         ctx.save_for_backward(features, codebook, token_ids, row_min, prob_sums, target_sums, target_max,
                               sample_sums, sample_max, mean_codes)
-        ctx.code_weights, ctx.draws, ctx.samples, ctx.shared, ctx.rows = code_weights, replay, samples, shared, rows
-        ctx.target_scale, ctx.scale, ctx.weight, ctx.temperature, ctx.hard = target_scale, scale, weight, temperature, hard
-        ctx.clamp = clamp
+        ctx.code_weights, ctx.seed, ctx.kernel, ctx.flags = code_weights, seed, kernel, flags
+        ctx.scale, ctx.target_scale, ctx.weight, ctx.hard = scale, target_scale, weight, hard
         ctx.mark_non_differentiable(token_ids)
         loss = (total * (weight / max(num_rows, 1))).to(features.dtype)
-        return decoded.clone() if not hard else decoded, loss, token_ids
+        return decoded, loss, token_ids
 
     @staticmethod
     def backward(ctx, grad_decoded, grad_loss, _grad_ids):
         (features, codebook, token_ids, row_min, prob_sums, target_sums, target_max, sample_sums, sample_max,
          mean_codes) = ctx.saved_tensors
-        rows, temperature, code_weights, draws = ctx.rows, ctx.temperature, ctx.code_weights, ctx.draws
+        flags, temperature = ctx.flags, ctx.flags["temperature"]
         num_rows, num_codes = features.shape[0], codebook.shape[0]
+        device = features.device
         distances = _Distances(features, codebook, None, name="otvae")
-        logit_scale, target_scale_block = ctx.scale / distances.scale, ctx.target_scale / distances.scale
-        codes_t = codebook.t().contiguous()
+        scales = (features.new_tensor(ctx.scale / distances.scale), features.new_tensor(ctx.target_scale / distances.scale))
+        decode_t = codebook.t().contiguous()
         # With gamma = d loss / d logits: d/dD = -s gamma and dD/dz = (z - c) / D = lambda (z - c) / (lambda D), so
-        # the common factor -s * lambda goes into every row's coefficients, and each block is divided by lambda * D.
+        # the common factor -s * lambda goes into every row's coefficients, and each entry is divided by lambda * D.
         factor = -ctx.scale * distances.scale
         loss_factor = grad_loss * (ctx.weight / max(num_rows, 1)) * factor
-        # the loss: factor * (p - q) = P * (loss_rows - target_rows * w) with p = P / sum P, q = w / sum w
-        loss_rows = (loss_factor / prob_sums)[:, None]
-        target_rows = (-loss_factor / target_sums)[:, None]
+        # the loss: factor * (p - q) = P * loss_rows + w * target_rows with p = P / sum P, q = w / sum w
+        loss_rows = loss_factor / prob_sums
+        target_rows = -loss_factor / target_sums
         # the decoding: factor * y (dy - <y, dy>) / T with y = sample / S, dy_ij = g_i . c_j, <y, dy>_i = g_i . ybar_i
         inverse_sums = 1.0 / sample_sums
         sample_rows = grad_decoded * (inverse_sums * (factor / temperature))[:, None]  # (N, d)
-        sample_offsets = -(sample_rows * mean_codes).sum(1, keepdim=True)
-        # decoded = y @ codebook: d/dc_j = sum_i y_ij g_i. Per-coordinate rows are kept contiguous ((d, N)): a
-        # matrix-vector product with a strided vector is 3x slower on CPU
-        code_rows_t = (grad_decoded * inverse_sums[:, None]).t().contiguous()
-        # sum_i gD_ij z_i and sum_i gD_ij in one (d + 1, n) @ (n, K) product per block
-        features_aug_t = torch.cat([features.t(), features.new_ones(1, num_rows)]).contiguous()
+        sample_offsets = -(sample_rows * mean_codes).sum(1)
+        # decoded = y @ codebook: d/dc_j = sum_i y_ij g_i (hard: the straight-through one-hot carries the code term)
+        code_rows = None if ctx.hard else grad_decoded * inverse_sums[:, None]
         any_zero = bool((row_min == 0).any())  # a feature on a code: D = 0, gradient 0 there (as torch.cdist)
-
-        sums_t = features.new_empty(codebook.shape[1], num_rows)  # sum_j gD_ij c_j, per coordinate
-        row_weights = features.new_empty(num_rows)  # sum_j gD_ij
-        decoding_t = codebook.new_zeros(codebook.shape[1], num_codes)  # sum_i y_ij g_i
-        distance_t = codebook.new_zeros(codebook.shape[1] + 1, num_codes)  # sum_i gD_ij z_i, and sum_i gD_ij
-        distance, logits, grad_logits, noise = _block_buffers(4, rows, num_codes, features)
-        for index, start in enumerate(range(0, num_rows, rows)):
-            stop = min(start + rows, num_rows)
-            size = stop - start
-            distance_block = distances.block(start, stop, out=distance[:size])
-            logits_block = _relative_logits(distance_block, row_min[start:stop], logit_scale, logits[:size])
-            sample = None
-            if draws is not None:  # the forward's noise, drawn again
-                uniform = draws.fill(noise[:size])
-                if temperature != 1.0:  # from the logits, before they become P
-                    sample = _gumbel_sample(None, logits_block, uniform, temperature, sample_max[start:stop], True)
-            else:
-                sample = ctx.samples[index].clone()  # (modified below; a retained graph may run backward again)
-            prob_block = _exp(logits_block, ctx.clamp, out=logits_block)  # P (the logits are not needed any more)
-            if sample is None:
-                sample = _gumbel_sample(prob_block, None, uniform, temperature, None, True)
-            if not ctx.hard:  # hard: the straight-through one-hot (decoded = one_hot @ codebook) carries the code term
-                decoding_t.addmm_(code_rows_t[:, start:stop], sample)
-            # the decoding's part, sample * dy, in the sample's buffer (dy built first where the gradient goes)
-            grad_block = grad_logits[:size]
-            dy = torch.mul(sample_rows[start:stop, :1], codes_t[:1], out=grad_block)
-            dy.add_(sample_offsets[start:stop])
-            for k in range(1, codes_t.shape[0]):
-                dy.addcmul_(sample_rows[start:stop, k : k + 1], codes_t[k : k + 1])
-            decoding_part = sample.mul_(dy)
-            if ctx.shared:  # w = P e^b (outer products as mul then add: a 3-operand broadcast addcmul is 5x slower)
-                torch.mul(target_rows[start:stop], code_weights, out=grad_block)
-                grad_block.add_(loss_rows[start:stop]).mul_(prob_block)
-            else:
-                _target_weights(distance_block, code_weights, target_scale_block, grad_block, target_max[start:stop],
-                                recompute=True).mul_(target_rows[start:stop])
-                grad_block.addcmul_(prob_block, loss_rows[start:stop])
-            grad_block.add_(decoding_part)
-            grad_distance = grad_block.div_(distance_block)
-            if any_zero:
-                grad_distance.masked_fill_(distance_block == 0, 0.0)
-            torch.sum(grad_distance, dim=1, out=row_weights[start:stop])
-            for k in range(codes_t.shape[0]):
-                torch.mv(grad_distance, codes_t[k], out=sums_t[k, start:stop])
-            distance_t.addmm_(features_aug_t[:, start:stop], grad_distance)
+        row_stats = (row_min, target_max, sample_max, loss_rows, target_rows, sample_rows, sample_offsets, code_rows)
+        kernel = ctx.kernel
+        if kernel == "compiled":
+            try:
+                row_keys, code_keys = noise_keys(ctx.seed, 0, num_rows, num_codes, device)
+                results = run_compiled(compiled_backward(device.type, flags["shared"], temperature, ctx.hard),
+                                       (distances.features, distances.codebook_t, decode_t, features, ctx.code_weights,
+                                        *scales, row_keys, code_keys, *row_stats), BACKWARD_ROW_ARGUMENTS)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: this process stays eager
+                kernel = _compile_failed(error)
+        if kernel == "eager":
+            rows = _block_rows(num_codes, device)
+            buffer = features.new_empty(min(rows, num_rows), num_codes)
+            row_parts, code_totals = [], None
+            for start in range(0, num_rows, rows):
+                stop = min(start + rows, num_rows)
+                row_keys, code_keys = noise_keys(ctx.seed, start, stop, num_codes, device)
+                block_stats = [None if stat is None else stat[start:stop] for stat in row_stats]
+                row_weights, code_sums, *code_parts = backward_rows(
+                    distances.block(start, stop, out=buffer[: stop - start]), None, None, decode_t,
+                    features[start:stop], ctx.code_weights, *scales, row_keys, code_keys, *block_stats,
+                    any_zero=any_zero, fused=False, **flags)
+                row_parts.append((row_weights, code_sums))
+                code_totals = code_parts if code_totals is None else [
+                    None if total is None else total.add_(part) for total, part in zip(code_totals, code_parts)]
+            results = [torch.cat(parts) for parts in zip(*row_parts)] + code_totals
+        row_weights, code_sums, feature_sums, code_weight_sums, decoding = results
         # dD_ij/dz_i = (z_i - c_j) / D_ij and dD_ij/dc_j = (c_j - z_i) / D_ij, summed with the weights gD
-        grad_features = torch.addcmul(-sums_t.t(), features, row_weights[:, None])
-        grad_codebook = (decoding_t - distance_t[:-1]).t() + codebook * distance_t[-1][:, None]
+        grad_features = torch.addcmul(-code_sums, features, row_weights[:, None])
+        grad_codebook = codebook * code_weight_sums[:, None] - feature_sums.t()
+        if decoding is not None:
+            grad_codebook += decoding.t()
         if ctx.hard:
             grad_codebook.index_add_(0, token_ids, grad_decoded)
-        return grad_features, grad_codebook, None, None, None, None, None, None
+        return grad_features, grad_codebook, None, None, None, None, None, None, None
 
 
-def _block_buffers(count: int, rows: int, num_codes: int, like: torch.Tensor) -> list[torch.Tensor]:
-    """`count` block-sized buffers `(rows, num_codes)`, reused from block to block (sliced for the last one)."""
-    return [like.new_empty(rows, num_codes) for _ in range(count)]
+def _block_rows(num_codes: int, device: torch.device) -> int:
+    """Rows per block of the eager pass (its block policy's entries on CPU)."""
+    entries = _DECODE_BLOCK_ENTRIES[get_block_policy()] if device.type == "cpu" else _ACCELERATOR_DECODE_BLOCK_ENTRIES
+    return max(1, entries // num_codes)
 
 
-def _relative_logits(distance, row_min, scale, out):
-    """`L' = -scale * (distance - row_min)`: each row's logits minus their largest."""
-    return torch.add((row_min * scale)[:, None], distance, alpha=-scale, out=out)
-
-
-def _exp(logits, clamp, out):
-    """`exp(logits)`, with the logits first raised to `_EXP_FLOOR` if `clamp` (`exp` of anything lower is far below
-    float32 resolution of a row's total, and takes a slow path on CPU)."""
-    if not clamp:
-        return torch.exp(logits, out=out)
-    return torch.clamp(logits, min=_EXP_FLOOR, out=out).exp_()
-
-
-def _target_weights(distance, code_potentials, scale, out, row_max, recompute):
-    """`exp(-scale * distance + b - max)`: the targets' weights of a block of rows, up to each row's factor
-    (`row_max` is written unless `recompute`, then read)."""
-    torch.add(code_potentials, distance, alpha=-scale, out=out)
-    if not recompute:
-        torch.amax(out, dim=1, out=row_max)
-    return out.sub_(row_max[:, None]).clamp_min_(_EXP_FLOOR).exp_()
-
-
-def _gumbel_sample(prob, logits, uniform, temperature, sample_max, recompute):
-    """The unnormalized Gumbel-softmax sample of a block, in `uniform`'s buffer: `-P / E <= 0` for `T = 1`
-    (`logits` and `sample_max` unused), else `exp((L' - log E) / T - max) > 0` (`prob` unused; `sample_max` holds
-    each row's max: written unless `recompute`, then read). Either way `y = sample / sum_j sample`."""
-    log_uniform = uniform.log_()  # -E
-    if temperature == 1.0:  # -P / E: the sign cancels in y = sample / sum_j sample
-        return torch.div(prob, log_uniform, out=log_uniform)
-    perturbed = torch.sub(logits, log_uniform.neg_().log_(), out=log_uniform).div_(temperature)
-    if not recompute:
-        torch.amax(perturbed, dim=1, out=sample_max)
-    return perturbed.sub_(sample_max[:, None]).clamp_min_(_EXP_FLOOR).exp_()
+def _compile_failed(error: Exception) -> str:
+    """Record a compiled kernel's failure (warned once per process) and answer the kernel to use instead."""
+    if not _compile_failures:
+        warnings.warn(f"OT-VAE's compiled training kernel failed ({type(error).__name__}: {error}); using the eager "
+                      "pass for the rest of this process.", RuntimeWarning, stacklevel=3)
+    _compile_failures.append(repr(error))
+    return "eager"
 
 
 @register_quantizer("otvae")
@@ -365,6 +271,12 @@ class OTVAEQuantizer(CodebookQuantizer):
             of the soft sample.
         logit_scale (`float`, defaults to 1.0): logits are `-logit_scale * epsilon * ||z - c|| / sigma` (`sigma`: the
             distance scale of the plan's cost normalization, see [`distance_scale`]).
+        training_kernel (`str`, defaults to `"auto"`): how the training pass runs its per-(row, code) math:
+            `"compiled"` (one `torch.compile`d kernel per direction, compiled at the first training step),
+            `"eager"` (block by block in eager PyTorch), or `"auto"`: compiled on CPU for batches of at least
+            `2^22` (row, code) pairs with code dimension at most 8 where `torch.compile` can build C++ kernels,
+            eager otherwise. Both give the same noise and values to float32 rounding. An attribute: set it on a
+            built model (`model.quantizer.training_kernel = "eager"`); not saved in the config.
     """
 
     display_name = "OT-VAE"
@@ -374,7 +286,7 @@ class OTVAEQuantizer(CodebookQuantizer):
                  epsilon: float = 10.0, num_iters: int = 5, normalization: str = "all",
                  commitment_weight: float = 1.0, beta: float = 0.0, gumbel_temperature: float = 1.0,
                  gumbel_hard: bool = False, logit_scale: float = 1.0, sync_across_ranks: bool = True,
-                 quantization_loss: str = "l2"):
+                 quantization_loss: str = "l2", training_kernel: str = "auto"):
         super().__init__(dim, codebook_size, num_heads=num_heads, use_projection=use_projection,
                          commitment_weight=commitment_weight, beta=beta, sync_across_ranks=sync_across_ranks,
                          quantization_loss=quantization_loss)
@@ -390,7 +302,27 @@ class OTVAEQuantizer(CodebookQuantizer):
         self.gumbel_temperature = float(gumbel_temperature)
         self.gumbel_hard = bool(gumbel_hard)
         self.logit_scale = float(logit_scale)
+        self.training_kernel = training_kernel
         self.sinkhorn_workspace = SinkhornWorkspace()  # the training plan's (N, K) buffer, reused from step to step
+
+    @property
+    def training_kernel(self) -> str:
+        """`"auto"`, `"compiled"` or `"eager"`: how the training pass runs (see the class docstring)."""
+        return self._training_kernel
+
+    @training_kernel.setter
+    def training_kernel(self, value: str):
+        if value not in TRAINING_KERNELS:
+            raise ValueError(f"`training_kernel` must be one of {TRAINING_KERNELS}, got {value!r}.")
+        self._training_kernel = value
+
+    def resolved_training_kernel(self, flat: torch.Tensor) -> str:
+        """The kernel the training pass uses for the rows `flat` `(N, d)`: `"compiled"` or `"eager"`."""
+        if self.training_kernel != "auto":
+            return self.training_kernel
+        compiled = (flat.device.type == "cpu" and flat.shape[0] * self.codebook_size >= _COMPILE_MIN_ENTRIES
+                    and flat.shape[1] <= _COMPILE_MAX_DIM and not _compile_failures and compiler_available())
+        return "compiled" if compiled else "eager"
 
     @classmethod
     def config_kwargs(cls, config) -> dict:
@@ -452,27 +384,27 @@ class OTVAEQuantizer(CodebookQuantizer):
         plan = torch.compiler.disable(sinkhorn_plan) if torch.compiler.is_compiling() else sinkhorn_plan
         return plan(flat, codebook, self.epsilon, self.num_iters, self.normalization, process_group=self.sync_group())
 
+    def _training_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
+        """The training pass: the plan's potentials, then the fused loss and Gumbel decoding (`_GumbelDecode`).
+
+        The loss and the decoding share each entry's logits, and the targets are rebuilt there from the plan's
+        potentials (no (N, K) targets; the plan's passes run in the module's workspace). The logits' scale is the
+        plan's own (global under sync), times logit_scale."""
+        plan = sinkhorn_plan_potentials(flat, codebook, self.epsilon, self.num_iters, self.normalization,
+                                        process_group=self.sync_group(), workspace=self.sinkhorn_workspace)
+        return _GumbelDecode.apply(flat, codebook, plan.code_potentials, plan.distance_scale,
+                                   self.logit_scale * plan.distance_scale, self.commitment_weight,
+                                   self.gumbel_temperature, self.gumbel_hard, self.resolved_training_kernel(flat))
+
     def quantize_rows(self, flat: torch.Tensor, codebook: torch.Tensor):
         """OT cross-entropy loss (train and eval alike); the Gumbel-softmax decoding in training and the nearest
         code at inference. Layouts, heads, dtypes and statistics are handled by `CodebookQuantizer.forward`."""
         if flat.shape[0] == 0:
             return flat, flat.sum() * 0.0 + codebook.sum() * 0.0, flat.new_zeros(0, dtype=torch.long)
         if self.training:
-            if torch.compiler.is_compiling():  # tensor ops only, so a compiled graph does not break
-                targets = self.targets(flat, codebook)
-                distances = torch.cdist(flat, codebook)
-                logits = distances * -self.distance_scale(flat, codebook, distances)
-                loss = self.commitment_weight * nn.functional.cross_entropy(logits, targets)
-                weights = gumbel_softmax(logits, self.gumbel_temperature, self.gumbel_hard)
-                return weights @ codebook, loss, weights.detach().argmax(dim=1)
-            # One fused pass, block by block: the loss and the Gumbel decoding share each block's logits, and the
-            # targets are rebuilt there from the plan's potentials (no (N, K) targets; the plan's passes run in the
-            # module's workspace). The logits' scale is the plan's own (global under sync), times logit_scale.
-            plan = sinkhorn_plan_potentials(flat, codebook, self.epsilon, self.num_iters, self.normalization,
-                                            process_group=self.sync_group(), workspace=self.sinkhorn_workspace)
-            return _GumbelDecode.apply(flat, codebook, plan.code_potentials, plan.distance_scale,
-                                       self.logit_scale * plan.distance_scale, self.commitment_weight,
-                                       self.gumbel_temperature, self.gumbel_hard)
+            if torch.compiler.is_compiling():  # one compiled-graph boundary (the plan reads values back anyway)
+                return torch.compiler.disable(self._training_rows)(flat, codebook)
+            return self._training_rows(flat, codebook)
         # Block by block with its own backward: no (N, K) logits or softmax kept for backward.
         targets = self.targets(flat, codebook)
         scale = self.distance_scale(flat, codebook)
