@@ -1,5 +1,7 @@
 """`sinkhorn_assign` against an independent float64 implementation of the published algorithm."""
 
+import math
+
 import pytest
 import torch
 
@@ -156,7 +158,8 @@ def test_bad_arguments_raise_value_error(features, codebook, kwargs, match):
         sinkhorn_assign(features, codebook, **kwargs)
 
 
-@pytest.mark.parametrize("function", ["sinkhorn_assign", "sinkhorn_plan", "euclidean_argmin"])
+@pytest.mark.parametrize("function", ["sinkhorn_assign", "sinkhorn_plan", "sinkhorn_plan_potentials",
+                                      "euclidean_argmin"])
 @pytest.mark.parametrize(
     "features,codebook,match",
     [
@@ -174,7 +177,11 @@ def test_every_engine_entry_checks_features_and_codebook(function, features, cod
 
     with pytest.raises(ValueError, match=match):
         getattr(sinkhorn, function)(features, codebook)
-    assert getattr(sinkhorn, function)(torch.randn(4, 2), torch.randn(5, 2)).shape[0] == 4  # and valid pairs pass
+    valid = getattr(sinkhorn, function)(torch.randn(4, 2), torch.randn(5, 2))  # and valid pairs pass
+    if isinstance(valid, sinkhorn.PlanPotentials):  # one potential per code
+        assert valid.code_potentials.shape == (5,) and math.isfinite(valid.distance_scale)
+    else:  # one token / plan row per feature
+        assert valid.shape[0] == 4
 
 
 @pytest.mark.parametrize("normalization", ["all", "dim", "none"])
@@ -226,3 +233,13 @@ def test_workspace_repr_gives_its_buffer_size():
     assert repr(workspace) == "SinkhornWorkspace(0 MiB)"
     workspace.get(1024, 1536, "cpu")  # 1024 * 1536 float32 = 6 MiB
     assert workspace.buffer.numel() == 1024 * 1536 and repr(workspace) == "SinkhornWorkspace(6 MiB)"
+
+
+@pytest.mark.parametrize("function", ["sinkhorn_plan", "sinkhorn_plan_potentials"])
+@pytest.mark.parametrize("marginal_guard", [-1e-3, math.inf, math.nan])
+def test_the_soft_plans_refuse_a_marginal_guard_that_is_negative_or_not_finite(function, marginal_guard):
+    from optvq_hf import sinkhorn
+
+    features, codebook = _data(16, 4, 2, seed=5)
+    with pytest.raises(ValueError, match="marginal_guard"):
+        getattr(sinkhorn, function)(features, codebook, marginal_guard=marginal_guard)
