@@ -27,10 +27,9 @@ import sys
 import torch
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-from optvq_hf.metrics.functional import codebook_statistics, per_image_psnr, to_unit_images
 from optvq_hf.quantization import nearest_assign
 from optvq_hf.training import (
-    ImagePreprocessor, ReconstructionSpread, decode_image_column, diagnose_collapse, divergence_signal,
+    ImagePreprocessor, decode_image_column, diagnose_collapse, divergence_signal, evaluate_reconstruction,
     features_to_rows, find_image_column, list_checkpoints, load_image_dataset, mean_image_psnr, to_pixel_values,
 )
 
@@ -58,31 +57,24 @@ def _config(args) -> OptVQConfig:
 
 @torch.no_grad()
 def score(model: OptVQModel, images: torch.Tensor, baseline_psnr: float, batch_size: int) -> dict:
-    """The numbers of one set of weights on uint8 `images` (see the module docstring)."""
+    """The numbers of one set of weights on uint8 `images` (see the module docstring): run_train's own evaluation
+    ([`evaluate_reconstruction`]) and collapse verdict, plus the divergence numbers of the latents."""
+    metrics, counts = evaluate_reconstruction(model, images, batch_size)
+    collapse = diagnose_collapse(psnr=metrics["psnr"], mean_image_psnr=baseline_psnr,
+                                 reconstruction_spread=metrics.get("reconstruction_spread"), code_counts=counts)
     model.eval()
-    config = model.config
     codebook = model.quantizer.codebook
-    counts = torch.zeros(config.codebook_size, dtype=torch.float64)
-    spread, psnr_sum, magnitude, agree, rows_seen = ReconstructionSpread(), 0.0, 0.0, 0, 0
+    signal, agree, rows_seen = torch.zeros(3), 0, 0
     for start in range(0, images.shape[0], batch_size):
-        pixels = to_pixel_values(images[start:start + batch_size])
-        output = model(pixels)
-        psnr_sum += float(per_image_psnr(to_unit_images(output.reconstruction), to_unit_images(pixels)).sum())
-        counts += output.code_counts.sum(0).double()
-        spread.update(pixels, output.reconstruction)
-        magnitude = max(magnitude, float(divergence_signal(torch.zeros(()), output.latents)[1]))
-        rows = features_to_rows(output.latents, config.num_heads)
+        latents = model.encode(to_pixel_values(images[start:start + batch_size])).latents
+        signal = torch.maximum(signal, divergence_signal(torch.zeros(()), latents, codebook=codebook))
+        rows = features_to_rows(latents, model.config.num_heads)
         agree += int((nearest_assign(rows, codebook) == (rows @ codebook.T).argmax(1)).sum())
         rows_seen += rows.shape[0]
-    psnr = psnr_sum / images.shape[0]
-    statistics = codebook_statistics(counts)
-    collapse = diagnose_collapse(psnr=psnr, mean_image_psnr=baseline_psnr, reconstruction_spread=spread.ratio,
-                                 code_counts=counts)
-    largest_code = float(codebook.abs().amax())
-    return {"psnr": psnr, "codebook_usage": statistics["codebook_usage"], "used_codes": int((counts > 0).sum()),
-            "perplexity": statistics["perplexity"], "reconstruction_spread": spread.ratio,
-            "collapsed": collapse.collapsed, "latent_magnitude": magnitude,
-            "latent_codebook_ratio": magnitude / largest_code if largest_code > 0 else float("nan"),
+    return {"psnr": metrics["psnr"], "codebook_usage": metrics["codebook_usage"],
+            "used_codes": int((counts > 0).sum()), "perplexity": metrics["perplexity"],
+            "reconstruction_spread": metrics.get("reconstruction_spread"), "collapsed": collapse.collapsed,
+            "latent_magnitude": float(signal[1]), "latent_codebook_ratio": float(signal[2]),
             "direction_only_share": agree / max(rows_seen, 1)}
 
 
