@@ -189,3 +189,50 @@ def test_every_recorded_equivalent_names_a_mutant_of_todays_sources(tool):
     keys = {m.key for target in tool.TARGETS for m in tool.generate(target)}
     assert sorted(set(equivalent) - keys) == []
     assert all(len(reason) > 20 for reason in equivalent.values())
+
+
+POLICY_SOURCE = b'''def combine(counts):
+    return counts.sum()
+
+
+def reduce_over(values, group):
+    total = combine(local(values))
+    return _all_reduce(total, "sum", group)
+
+
+def local(values):
+    return values + 1
+
+
+def assign(x):
+    """Tensor ops only while torch.compile traces."""
+    return x if _is_compiling() else local(x)
+'''
+
+
+def test_the_slow_tier_follows_collectives_and_compiled_paths_through_whole_functions(tool):
+    """The default `--slow_tier collectives`: a fast-tier survivor runs the multi-process tests where its function
+    names a collective or is used only by such functions (a helper whose value is all-reduced by its caller), and the
+    torch.compile tests where its function has a compiled path; not for a line of a purely local function."""
+
+    def mutant(line):
+        start = sum(len(text) + 1 for text in POLICY_SOURCE.split(b"\n")[: line - 1])
+        return tool.Mutant("x.py", line, "f", "test", "a", "b", start, start + 1, line)
+
+    collective = [tool._touches(POLICY_SOURCE, mutant(line), tool.COLLECTIVE_WORDS) for line in (2, 6, 11, 16)]
+    # combine: used only in reduce_over; local: in reduce_over and in assign (a local step, its value goes elsewhere)
+    assert collective == [True, True, False, False]
+    compiled = [tool._touches(POLICY_SOURCE, mutant(line), tool.COMPILE_WORDS) for line in (2, 6, 11, 16)]
+    assert compiled == [False, False, False, True]
+    assert tool._is_compile_test("tests/test_sinkhorn.py::test_compiled_quantizer_gives_the_eager_tokens[True]")
+    assert not tool._is_compile_test("tests/test_sinkhorn.py::test_the_dense_helpers_match_their_formulas")
+    # the survivors that this policy let through before: the cross-rank moments, and the quantizer's compiled path
+    keys = {"_combine_moments::constant::0 -> 1#1", "_cost_map::binary + -> -::pivot + first / max(local_count, 1)",
+            "OptVQQuantizer.assign::condition negated::_is_compiling() -> not (_is_compiling())#1"}
+    for target in ("src/optvq_hf/sinkhorn.py", "src/optvq_hf/quantization.py"):
+        with open(os.path.join(ROOT, target), "rb") as handle:
+            source = handle.read()
+        for found in (m for m in tool.generate(target) if any(key in m.key for key in keys)):
+            words = tool.COMPILE_WORDS if "assign" in found.key else tool.COLLECTIVE_WORDS
+            assert not any(word.encode() in source.split(b"\n")[found.line - 1] for word in tool.COLLECTIVE_WORDS)
+            assert tool._touches(source, found, words), found.key

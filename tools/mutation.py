@@ -58,16 +58,16 @@ EQUIVALENT_FILE = os.path.join(ROOT, "tools", "mutation_equivalent.json")
 TARGETS = {
     "src/optvq_hf/sinkhorn.py": dict(
         fast=["tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
-              "tests/test_otvae.py", "tests/test_quantizer.py", "tests/test_quantizer_edges.py",
-              "tests/test_reliability.py"],
-        slow=["tests/test_sinkhorn_distributed.py"],
+              "tests/test_sinkhorn_cost_map.py", "tests/test_otvae.py", "tests/test_quantizer.py",
+              "tests/test_quantizer_edges.py", "tests/test_reliability.py"],
+        slow=["tests/test_sinkhorn_distributed.py", "tests/test_quantizer_compile.py"],
     ),
     "src/optvq_hf/quantization.py": dict(
         fast=["tests/test_quantizer.py", "tests/test_quantizer_edges.py", "tests/test_quantization_loss.py",
               "tests/test_sinkhorn.py", "tests/test_sinkhorn_engine.py", "tests/test_sinkhorn_extremes.py",
               "tests/test_otvae.py", "tests/test_core.py", "tests/test_modeling.py", "tests/test_training.py",
               "tests/test_reliability.py"],
-        slow=["tests/test_sinkhorn_distributed.py"],
+        slow=["tests/test_sinkhorn_distributed.py", "tests/test_quantizer_compile.py"],
     ),
     "src/optvq_hf/autoencoder.py": dict(
         fast=["tests/test_modeling.py", "tests/test_core.py", "tests/test_diffusers.py",
@@ -697,9 +697,6 @@ class Driver:
         self.call_marker = None  # in a child: a file holding the nodeid whose call phase runs now ("" between calls)
         self.recent_killers = defaultdict(list)  # function -> the tests that killed its latest mutants, latest first
 
-    def pytest_collection_modifyitems(self, session, config, items):
-        items[:] = [item for item in items if "compile" not in item.nodeid]  # torch.compile: too slow per mutant
-
     def pytest_runtest_logreport(self, report):
         if report.failed:
             self.failed.append(report.nodeid)
@@ -816,12 +813,15 @@ class Driver:
             with open(os.path.join(trace_dir, name)) as handle:
                 for filename, line in json.load(handle):
                     subprocess_lines[nodeids[index]][filename].add(line)
-        # a module-scoped fixture launches the processes once, for the first test of its file: every test of that
-        # file checks a part of their results
+        # a module-scoped fixture launches the processes once, for the first test that uses it: every test of that
+        # file that uses the same fixture checks a part of their results (a test that starts its own processes keeps
+        # its own lines)
         for nodeid in list(subprocess_lines):
-            module_file = nodeid.split("::")[0]
+            shared = _module_fixtures(self.items[nodeid])
             for other in nodeids:
-                if other.split("::")[0] == module_file and other != nodeid:
+                if other.split("::")[0] == nodeid.split("::")[0] and other != nodeid and (
+                    shared & _module_fixtures(self.items[other])
+                ):
                     for filename, lines in subprocess_lines[nodeid].items():
                         subprocess_lines[other][filename] |= lines
         result["subprocess_lines"] = {n: {f: sorted(l) for f, l in fs.items()} for n, fs in subprocess_lines.items()}
@@ -869,7 +869,7 @@ class Driver:
             needs_disk = {n for n, files in base["subprocess_lines"].items() if any(files.values())}
 
             def is_slow(nodeid):
-                return (nodeid in needs_disk or nodeid in slow_marked
+                return (nodeid in needs_disk or nodeid in slow_marked or _is_compile_test(nodeid)
                         or durations.get(nodeid, 0) > self.args.max_test_seconds)
 
             mutants = self.mutants_by_target[target]
@@ -896,9 +896,13 @@ class Driver:
                     continue
                 if not fast and self.args.no_slow:
                     continue  # only slow tests reach it: not judged in this run
-                if fast and self.args.slow_tier == "collectives" and not _touches_collectives(pristine, mutant):
-                    # the fast tests execute the line and it feeds no collective: the multi-process tests are left out
-                    slow = [n for n in slow if n not in needs_disk]
+                if fast and self.args.slow_tier == "collectives":
+                    # the fast tests execute the line: the multi-process tests run where its function can feed a
+                    # collective, the torch.compile tests where it has a compiled path (see _touches)
+                    collective = _touches(pristine, mutant, COLLECTIVE_WORDS)
+                    compiled = _touches(pristine, mutant, COMPILE_WORDS)
+                    slow = [n for n in slow if (collective or n not in needs_disk)
+                            and (compiled or not _is_compile_test(n))]
                 queue.append([mutant, "fast" if fast else "slow", fast, slow])
             counts = defaultdict(int)
             for mutant in mutants:
@@ -1088,12 +1092,64 @@ class Driver:
 
 
 COLLECTIVE_WORDS = ("group", "_all_reduce", "_reduce_scaled", "reduce_columns", "untrusted(", "sync")
+COMPILE_WORDS = ("compil",)  # _is_compiling(), torch.compiler.disable, "traceable by `torch.compile`"
 
 
-def _touches_collectives(source: bytes, mutant: Mutant) -> bool:
-    """Whether a mutated line reads a process group or calls a collective: only multi-process tests judge those."""
+def _is_compile_test(nodeid: str) -> bool:
+    """A torch.compile test (its node id says "compile"): seconds each, so only the slow tier runs it."""
+    return "compile" in nodeid
+
+
+def _module_fixtures(item) -> set[str]:
+    """The module-, package- or session-scoped fixtures a test uses (one launch of processes shared by its file)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope != "function"
+            and defs[-1].scope != "class"}
+
+
+def _touches(source: bytes, mutant: Mutant, words) -> bool:
+    """Whether a mutant can change what reaches a collective (`COLLECTIVE_WORDS`) or a compiled path
+    (`COMPILE_WORDS`): its lines name one of `words`, or it lies in a function that does (see `_reaching_spans`)."""
     lines = source.split(b"\n")[mutant.line - 1: mutant.end_line]
-    return any(word.encode() in line for line in lines for word in COLLECTIVE_WORDS)
+    if any(word.encode() in line for line in lines for word in words):
+        return True
+    return any(start <= mutant.line <= stop for start, stop in _reaching_spans(source, tuple(words)))
+
+
+@functools.lru_cache(maxsize=16)
+def _reaching_spans(source: bytes, words: tuple) -> tuple:
+    """Line spans of the functions (module level, or methods of module-level classes, nested functions included)
+    whose text names one of `words`, and, repeatedly, of those used only inside such functions: what they compute
+    flows into such a function (`_combine_moments`'s moments into `_cost_map`'s all-reduces)."""
+    tree = ast.parse(source)
+    lines = source.split(b"\n")
+    functions = {}  # name -> [(start, stop)] (a method name may repeat across classes)
+    for node in tree.body:
+        members = node.body if isinstance(node, ast.ClassDef) else [node]
+        for member in members:
+            if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([member.lineno] + [d.lineno for d in member.decorator_list])
+                functions.setdefault(member.name, []).append((start, member.end_lineno))
+    spans = {span for group in functions.values() for span in group
+             if any(word.encode() in line for line in lines[span[0] - 1: span[1]] for word in words)}
+    uses = defaultdict(list)  # name -> lines that read it (calls, or passed on as a value)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            uses[node.id].append(node.lineno)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            uses[node.attr].append(node.lineno)
+    changed = True
+    while changed:
+        changed = False
+        for name, group in functions.items():
+            if all(span in spans for span in group) or not uses[name]:
+                continue
+            if all(any(start <= line <= stop for start, stop in spans) for line in uses[name]):
+                spans |= set(group)
+                changed = True
+    return tuple(sorted(spans))
 
 
 def _earlier_durations(cache: str) -> dict:
@@ -1232,7 +1288,7 @@ def main(argv=None):
     tests = sorted({t for target in targets for t in TARGETS[target]["fast"] + TARGETS[target]["slow"]})
     driver = Driver(args, targets, mutants_by_target, tree, previous)
     os.chdir(tree)
-    code = pytest.main(PYTEST_ARGS + ["-k", "not compile"] + tests, plugins=[driver])
+    code = pytest.main(PYTEST_ARGS + tests, plugins=[driver])
     os.chdir(ROOT)
     if not hasattr(driver, "summary"):
         print(f"pytest ended before the mutation loop (exit {int(code)})")
