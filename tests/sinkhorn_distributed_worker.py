@@ -30,10 +30,16 @@ def gather_ids(local_ids: torch.Tensor) -> torch.Tensor:
 
 
 def global_batch(name, split, codes, dim, rank):
-    """A seeded global batch of `sum(split)` rows, a codebook, and this rank's slice of the rows."""
+    """A seeded global batch of `sum(split)` rows, a codebook, and this rank's slice of the rows. In a case named
+    "..._ranks_differ" rank 1's rows lie farther from the codes and spread wider than rank 0's: the ranks' moments of
+    the distances (count, mean, second moment, pivot) all differ, so only their exact combination gives the global
+    ones."""
     generator = torch.Generator().manual_seed(len(name) * 1000 + codes)
     features = torch.randn(sum(split), dim, generator=generator) * 2.0 + 0.5
     codebook = torch.randn(codes, dim, generator=generator)
+    if name.endswith("_ranks_differ"):
+        features[: split[0]] = features[: split[0]] * 0.25
+        features[split[0] :] = features[split[0] :] * 1.5 + 3.0
     start = sum(split[:rank])
     return features, codebook, features[start : start + split[rank]]
 
@@ -50,6 +56,7 @@ def soft_plan_cases(rank, results):
         "plan_dim_empty_rank": ((0, 90), 24, 4, "dim", 3.0),
         "plan_none_empty_rank": ((0, 90), 24, 3, "none", 3.0),
         "plan_exact_empty_rank": ((0, 120), 32, 2, "all", 1e3),
+        "plan_ranks_differ": ((70, 190), 24, 4, "all", 10.0),
     }
     for name, (split, codes, dim, normalization, epsilon) in cases.items():
         features, codebook, local = global_batch(name, split, codes, dim, rank)
@@ -142,6 +149,7 @@ def main():
         "dim": ((200, 200), 48, 4, "dim", "auto"),
         "none": ((100, 180), 32, 3, "none", False),
         "empty_rank": ((0, 120), 40, 4, "all", False),
+        "all_ranks_differ": ((90, 230), 32, 4, "all", False),
     }
     for name, (split, codes, dim, normalization, streaming) in cases.items():
         features, codebook, local = global_batch(name, split, codes, dim, rank)

@@ -31,7 +31,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["all_uneven", "all_streaming", "dim", "none", "empty_rank"])
+@pytest.mark.parametrize("case", ["all_uneven", "all_streaming", "dim", "none", "empty_rank", "all_ranks_differ"])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(results, case):
     result = results[case]
     assert result["mismatches"] == 0, result
@@ -50,7 +50,7 @@ def test_quantizer_syncs_in_training(results):
 @pytest.mark.parametrize(
     "case",
     ["plan_all", "plan_dim", "plan_exact", "plan_empty_rank", "plan_dim_empty_rank", "plan_none_empty_rank",
-     "plan_exact_empty_rank"],
+     "plan_exact_empty_rank", "plan_ranks_differ"],
 )
 def test_soft_plan_of_two_ranks_equals_one_process(results, case):
     result = results[case]
