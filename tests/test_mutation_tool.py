@@ -224,6 +224,9 @@ def test_the_slow_tier_follows_collectives_and_compiled_paths_through_whole_func
     assert collective == [True, True, False, False]
     compiled = [tool._touches(POLICY_SOURCE, mutant(line), tool.COMPILE_WORDS) for line in (2, 6, 11, 16)]
     assert compiled == [False, False, False, True]
+    # --slow_tier lines: the mutated line alone decides (line 7 names the all-reduce, line 6 does not)
+    assert [tool._touches(POLICY_SOURCE, mutant(line), tool.COLLECTIVE_WORDS, False) for line in (2, 6, 7)] == [
+        False, False, True]
     assert tool._is_compile_test("tests/test_sinkhorn.py::test_compiled_quantizer_gives_the_eager_tokens[True]")
     assert not tool._is_compile_test("tests/test_sinkhorn.py::test_the_dense_helpers_match_their_formulas")
     # the survivors that this policy let through before: the cross-rank moments, and the quantizer's compiled path

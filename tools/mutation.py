@@ -13,8 +13,8 @@ multi-process tests (a `sitecustomize` in the copy), and how long each test take
 child of the session that applies it to the imported module in place (the mutated functions' `__code__` replaced;
 module constants, defaults and class attributes re-executed) and runs, in the same process, the tests that execute
 the mutated lines: fast ones first, ordered by their past kills per second, stopping at the first failure. Survivors
-run the slow tier (tests over `--max_test_seconds`, `slow`-marked tests, tests whose subprocesses import the
-target). Every job also writes its mutant into its own copy of src/ (`mutation-work/job<i>/src`), which a
+run the slow tier (tests over `--max_test_seconds`, `slow`-marked tests, torch.compile tests, tests whose
+subprocesses import the target). Every job also writes its mutant into its own copy of src/ (`mutation-work/job<i>/src`), which a
 `sitecustomize` puts first on the path of the child's subprocesses (multi-process tests). Mutants whose bytecode
 equals the original's are equivalent without a run; a mutant that cannot be applied in place runs in a fresh
 interpreter.
@@ -896,11 +896,13 @@ class Driver:
                     continue
                 if not fast and self.args.no_slow:
                     continue  # only slow tests reach it: not judged in this run
-                if fast and self.args.slow_tier == "collectives":
+                if fast and self.args.slow_tier != "all":
                     # the fast tests execute the line: the multi-process tests run where its function can feed a
-                    # collective, the torch.compile tests where it has a compiled path (see _touches)
-                    collective = _touches(pristine, mutant, COLLECTIVE_WORDS)
-                    compiled = _touches(pristine, mutant, COMPILE_WORDS)
+                    # collective, the torch.compile tests where it has a compiled path (see _touches); "lines": only
+                    # where the mutated line itself names one (quicker, and blind to values that flow into one)
+                    whole = self.args.slow_tier == "collectives"
+                    collective = _touches(pristine, mutant, COLLECTIVE_WORDS, whole)
+                    compiled = _touches(pristine, mutant, COMPILE_WORDS, whole)
                     slow = [n for n in slow if (collective or n not in needs_disk)
                             and (compiled or not _is_compile_test(n))]
                 queue.append([mutant, "fast" if fast else "slow", fast, slow])
@@ -1109,13 +1111,14 @@ def _module_fixtures(item) -> set[str]:
             and defs[-1].scope != "class"}
 
 
-def _touches(source: bytes, mutant: Mutant, words) -> bool:
+def _touches(source: bytes, mutant: Mutant, words, whole_function: bool = True) -> bool:
     """Whether a mutant can change what reaches a collective (`COLLECTIVE_WORDS`) or a compiled path
-    (`COMPILE_WORDS`): its lines name one of `words`, or it lies in a function that does (see `_reaching_spans`)."""
+    (`COMPILE_WORDS`): its lines name one of `words`, or (`whole_function`) it lies in a function that does (see
+    `_reaching_spans`)."""
     lines = source.split(b"\n")[mutant.line - 1: mutant.end_line]
     if any(word.encode() in line for line in lines for word in words):
         return True
-    return any(start <= mutant.line <= stop for start, stop in _reaching_spans(source, tuple(words)))
+    return whole_function and any(start <= mutant.line <= stop for start, stop in _reaching_spans(source, tuple(words)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -1214,10 +1217,13 @@ def main(argv=None):
     parser.add_argument("--time_limit", type=float, default=None,
                         help="minutes; then start no new mutant (the rest is reported as not run)")
     parser.add_argument("--sample", type=int, default=1, help="run every N-th mutant only (a quick estimate)")
-    parser.add_argument("--slow_tier", choices=["all", "collectives"], default="collectives",
-                        help="which slow tests a fast-tier survivor runs: all, or (default) the multi-process ones only "
-                             "where no fast test executes the mutated line or it touches a collective (process groups, "
-                             "all-reduces); the long single-process tests always")
+    parser.add_argument("--slow_tier", choices=["all", "collectives", "lines"], default="collectives",
+                        help="which slow tests a fast-tier survivor runs: all, or (default) the multi-process ones "
+                             "only where its function can feed a collective (it or the line names a process group or "
+                             "an all-reduce, or it is used only inside such functions) and the torch.compile ones only "
+                             "where its function has a compiled path; lines: only where the mutated line itself names "
+                             "one (session 4's rule: quicker, blind to values that flow into a collective); the long "
+                             "single-process tests always")
     parser.add_argument("--resume", action="store_true",
                         help="skip the mutants that the report's mutants.json already judged (an interrupted run)")
     parser.add_argument("--rerun", action="store_true",
