@@ -421,6 +421,9 @@ def _far_from_the_codebook(extra_code=None):
         # +-4000.84765625: ~166 nats beyond, where the kernel's total for it is 75-85 nats below its largest: within
         # 87 nats (the floored entries' reach) but not 17 nats clear of what they add, so not trusted
         4000.0 + 434 / 512,
+        # +-4000.625: ~100 nats beyond, trusted, and its potential drifts past 60 nats: the kernel is rebuilt (from
+        # row differences, as pass 1 builds it: at the logits' absolute size float32 would lose 1e-3 of the plan)
+        4000.625,
     ],
 )
 def test_far_from_the_codebook_the_plan_keeps_float32_precision(extra_code):
