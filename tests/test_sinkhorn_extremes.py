@@ -438,6 +438,18 @@ def test_far_from_the_codebook_the_plan_keeps_float32_precision(extra_code):
         torch.testing.assert_close(plan.double(), expected, atol=2e-5, rtol=0)
 
 
+def test_far_from_the_codebook_a_rebuilt_kernel_keeps_float32_precision_under_the_all_normalization():
+    """"all" divides the same distances (~4000) by their spread (~0.05), so at epsilon 30 the logits are again of
+    order 10^6 nats, and the cache holds lambda D - pivot: with a code 1/4 unit beyond the others, whose potential
+    drifts past the rebuild threshold (without the rebuild the plan is 0.1 off), the rebuilt kernel must be built from
+    each row's distances relative to its smallest (the cached minimum plus the pivot). Within 2e-5 of float64."""
+    features, codebook = _far_from_the_codebook(4000.25)
+    for num_iters in (1, 2):
+        plan = sinkhorn_plan(features, codebook, 30.0, num_iters, "all")
+        expected = reference_equipartition_plan(features, codebook, 30.0, num_iters, "all")
+        torch.testing.assert_close(plan.double(), expected, atol=2e-5, rtol=0)
+
+
 def test_the_guarded_plan_after_the_kernel_is_rebuilt():
     """"all" with one code 60 units beyond 63 others and every feature ~30 from all of them: the far code's potential
     climbs by up to 14 nats per iteration (capped by its 1e-8 guard) until the cached kernel is rebuilt, and the
