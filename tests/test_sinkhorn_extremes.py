@@ -1,14 +1,23 @@
 """The Sinkhorn engine where its guards trigger: codes far beyond float32's exp range (the soft plan's exact
 fallback passes, the assignment's kernel rebuilds), the block size as a speed-only knob, and the cross-rank
-statistics' arithmetic, all against float64 references written from the paper (tests/reference_optvq.py)."""
+statistics' arithmetic; and where float32 leaves least room (code potentials as the recursion defines them, plans far
+from the codebook, the guards after a kernel rebuild and at an initial total of 1e-8): all against float64 references
+written from the paper (tests/reference_optvq.py, or the recursion written out in the test)."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import optvq_hf.sinkhorn as engine
-from optvq_hf.sinkhorn import euclidean_argmin, sinkhorn_assign, sinkhorn_plan
+from optvq_hf.sinkhorn import (
+    euclidean_argmin,
+    sinkhorn_assign,
+    sinkhorn_log_plan,
+    sinkhorn_plan,
+    sinkhorn_plan_potentials,
+)
 from reference_optvq import (
     assert_near_optimal,
     reference_cost,
@@ -346,3 +355,164 @@ def test_soft_plan_at_a_large_epsilon_stays_within_float32_of_the_reference():
     plan = sinkhorn_plan(features, codebook, 1e3, 5, "all")
     torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook, 1e3, 5, "all"),
                                atol=5e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Where float32 and the guards leave least room: code potentials as the recursion defines them, plans far from the
+# codebook with distances that float32 holds exactly, the guards after a kernel rebuild and at an initial total of
+# 1e-8, against float64 transcriptions of the published recursion.
+# ------------------------------------------------------------------------------------------------------------------
+def _recursion_code_potentials(features, codebook, epsilon, num_iters, normalization, guard):
+    """The published recursion in the float64 log domain with `guard` added to every total (0: none), tracking the
+    cumulative code scalings b: Q = exp(-epsilon A) / (sum + guard), then per iteration the code normalization (b
+    takes its log factor) and, except after the last, the row normalization."""
+    log_plan = -epsilon * reference_cost(features, codebook, normalization)
+    num_rows, num_codes = log_plan.shape
+    log_guard = torch.tensor(math.log(guard) if guard > 0 else -math.inf, dtype=torch.float64)
+    log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan.flatten(), 0), log_guard)
+    potentials = torch.zeros(num_codes, dtype=torch.float64)
+    for iteration in range(num_iters):
+        step = -torch.logaddexp(torch.logsumexp(log_plan, 0), log_guard) - math.log(num_codes)
+        log_plan, potentials = log_plan + step, potentials + step
+        if iteration < num_iters - 1:
+            log_plan = log_plan - torch.logaddexp(torch.logsumexp(log_plan, 1, keepdim=True), log_guard)
+            log_plan = log_plan - math.log(num_rows)
+    return potentials
+
+
+@pytest.mark.parametrize("normalization,far,guard", [("all", 1.0, 0.0), ("all", 1.0, 1e-8), ("none", 50.0, 0.0),
+                                                     ("dim", 50.0, 0.0), ("none", 50.0, 1e-8)])
+def test_plan_potentials_are_the_recursions_code_potentials(normalization, far, guard):
+    """PlanPotentials.code_potentials are "the code potentials after the last code normalization": the cumulative log
+    scalings b of the recursion, not just any vector that gives the same rows (a constant shift gives the same
+    rows, but not these values). Plain codes (the kernel passes) and three codes 50x farther (their totals beyond
+    float32's exp range: the guard-free plan takes the exact passes), against float64. The tolerance is 8 float32
+    rounding steps of the largest logit, epsilon * max A (float32 logits: ~6e-6 nats for plain codes, ~1e-3 with the
+    far codes' costs of ~150)."""
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(300, 4, generator=generator), torch.randn(64, 4, generator=generator)
+    codebook[-3:] *= far
+    for num_iters in (1, 5):
+        potentials = sinkhorn_plan_potentials(features, codebook, 10.0, num_iters, normalization, marginal_guard=guard)
+        expected = _recursion_code_potentials(features, codebook, 10.0, num_iters, normalization, guard)
+        largest_logit = 10.0 * float(reference_cost(features, codebook, normalization).max())
+        tolerance = 8 * largest_logit * 2.0**-24
+        torch.testing.assert_close(potentials.code_potentials, expected, atol=tolerance, rtol=0)
+
+
+def _far_from_the_codebook(extra_code=None):
+    """One-dimensional features within 1/64 of the origin (multiples of 1/512) and codes near +-4000 (multiples of
+    1/64, symmetric so that their mean is exactly 0): every distance is exact in float32 (squares below 2^24), yet
+    at epsilon 197.3 ("none") every logit is near -790,000 nats, whose float32 spacing is 1/16."""
+    near = 4000.0 + torch.arange(9, dtype=torch.float32) / 64
+    if extra_code is not None:
+        near = torch.cat([near, torch.tensor([extra_code])])
+    codebook = torch.cat([-near.flip(0), near])[:, None]
+    generator = torch.Generator().manual_seed(0)
+    features = (torch.randint(-8, 9, (8,), generator=generator).float() / 512)[:, None]
+    return features, codebook
+
+
+@pytest.mark.parametrize(
+    "extra_code",
+    [
+        None,  # every code within reach of the kernel: the kernel passes
+        4001.0,  # +-4001: 170 nats beyond every row's best, beyond what the kernel can vouch for: the exact passes
+        # +-4000.84765625: ~166 nats beyond, where the kernel's total for it is 75-85 nats below its largest: within
+        # 87 nats (the floored entries' reach) but not 17 nats clear of what they add, so not trusted
+        4000.0 + 434 / 512,
+        # +-4000.625: ~100 nats beyond, trusted, and its potential drifts past 60 nats: the kernel is rebuilt (from
+        # row differences, as pass 1 builds it: at the logits' absolute size float32 would lose 1e-3 of the plan)
+        4000.625,
+    ],
+)
+def test_far_from_the_codebook_the_plan_keeps_float32_precision(extra_code):
+    """Logits of -790,000 nats whose differences float32 holds exactly: every quantity that carries a row's or a
+    code's absolute level (row minima, offsets, column maxima) must stay in float64, where a float32 copy of it
+    would be off by up to 1/32 nat. The plan against float64 within 2e-5 (its own float32 rounding is ~1e-6:
+    logits within each row span at most 30 nats)."""
+    features, codebook = _far_from_the_codebook(extra_code)
+    for num_iters in (1, 2):
+        plan = sinkhorn_plan(features, codebook, 197.3, num_iters, "none")
+        expected = reference_equipartition_plan(features, codebook, 197.3, num_iters, "none")
+        torch.testing.assert_close(plan.double(), expected, atol=2e-5, rtol=0)
+
+
+def test_far_from_the_codebook_a_rebuilt_kernel_keeps_float32_precision_under_the_all_normalization():
+    """"all" divides the same distances (~4000) by their spread (~0.05), so at epsilon 30 the logits are again of
+    order 10^6 nats, and the cache holds lambda D - pivot: with a code 1/4 unit beyond the others, whose potential
+    drifts past the rebuild threshold (without the rebuild the plan is 0.1 off), the rebuilt kernel must be built from
+    each row's distances relative to its smallest (the cached minimum plus the pivot). Within 2e-5 of float64."""
+    features, codebook = _far_from_the_codebook(4000.25)
+    for num_iters in (1, 2):
+        plan = sinkhorn_plan(features, codebook, 30.0, num_iters, "all")
+        expected = reference_equipartition_plan(features, codebook, 30.0, num_iters, "all")
+        torch.testing.assert_close(plan.double(), expected, atol=2e-5, rtol=0)
+
+
+def test_the_guarded_plan_after_the_kernel_is_rebuilt():
+    """"all" with one code 60 units beyond 63 others and every feature ~30 from all of them: the far code's potential
+    climbs by up to 14 nats per iteration (capped by its 1e-8 guard) until the cached kernel is rebuilt, and the
+    rebuilt kernel's row scales carry the cost's shift (the minimum distance, here ~80 nats of logits): the rows'
+    totals then meet their 1e-8 guards on the right scale. The guarded plan against float64."""
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(64, 4, generator=generator) * 0.3
+    codebook[-1] = torch.tensor([60.0, 0.0, 0.0, 0.0])
+    features = torch.randn(100, 4, generator=generator) * 0.3 + torch.tensor([-30.0, 0.0, 0.0, 0.0])
+    plan = sinkhorn_plan(features, codebook, 10.0, 8, "all", marginal_guard=1e-8)
+    expected = torch.softmax(reference_sinkhorn_log_plan(features, codebook, 10.0, 8, "all"), dim=1)
+    torch.testing.assert_close(plan.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [7, 64, None])
+def test_the_exact_passes_over_blocks_of_any_size_raise_no_warning(block_size):
+    """The exact passes (codes beyond float32's reach) write each block into a scratch buffer with `out=`: a buffer
+    of the wrong shape would be resized by torch with a deprecation warning (an error in future torch). Blocks of 7
+    rows leave a last block of 6, 64 one of 44, None one block; the plans are the same."""
+    generator = torch.Generator().manual_seed(0)
+    features, codebook = torch.randn(300, 4, generator=generator), torch.randn(40, 4, generator=generator)
+    codebook[-3:] *= 50.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = sinkhorn_plan(features, codebook, 10.0, 3, "none", block_size=block_size)
+        potentials = sinkhorn_plan_potentials(features, codebook, 10.0, 3, "none", block_size=block_size)
+    torch.testing.assert_close(plan.double(), reference_equipartition_plan(features, codebook, 10.0, 3, "none"),
+                               atol=1e-4, rtol=0)
+    rebuilt = torch.softmax(-potentials.distance_scale * torch.cdist(features.double(), codebook.double())
+                            + potentials.code_potentials, dim=1)
+    torch.testing.assert_close(rebuilt, plan.double(), atol=1e-4, rtol=0)
+
+
+def test_assignments_where_the_initial_total_meets_the_guard():
+    """Features shifted until the initial plan's total is e^0.8 times the published 1e-8 guard: its normalization
+    divides by total + 1e-8 (not by the larger of the two), which moves the code guards' share. The streamed and
+    the cached assignments against the float64 published plan (a maximum instead of the sum moves 11 rows)."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(200, 2, generator=generator)
+    codebook = torch.randn(16, 2, generator=generator)
+    codebook[-4:] *= 3
+    features = features + 4.75
+    log_total = float(torch.logsumexp(-6.0 * reference_cost(features, codebook, "none").flatten(), 0))
+    assert abs(log_total - math.log(1e-8)) < 1.0
+    expected = reference_sinkhorn_log_plan(features, codebook, 6.0, 1, "none").argmax(1)
+    for streaming in (True, False):
+        assert torch.equal(sinkhorn_assign(features, codebook, 6.0, 1, "none", streaming=streaming), expected)
+
+
+def test_the_dense_log_plan_follows_the_literal_recursion():
+    """sinkhorn_log_plan promises the reference's order and its +1e-8 guards: against the recursion written as in
+    the reference code (exponential domain, float64: Q / (Q.sum() + 1e-8), then columns and rows, the last row
+    normalization left out), on costs whose initial total is 1 and 1e-8, to 1e-12 in the log domain."""
+    generator = torch.Generator().manual_seed(0)
+    cost = torch.rand(30, 6, generator=generator, dtype=torch.float64)
+    for offset in (0.0, 1.0):
+        # shift the cost so that the initial total sum(exp(-epsilon * cost)) is 1 (offset 0) or 1e-8 (offset 1)
+        shifted = cost + (torch.logsumexp(-4.0 * cost.flatten(), 0) - offset * math.log(1e8)) / 4.0
+        for num_iters in (0, 1, 3):
+            plan = torch.exp(-4.0 * shifted)
+            plan = plan / (plan.sum() + 1e-8)
+            for iteration in range(num_iters):
+                plan = plan / (plan.sum(0, keepdim=True) + 1e-8) / 6
+                if iteration < num_iters - 1:
+                    plan = plan / (plan.sum(1, keepdim=True) + 1e-8) / 30
+            torch.testing.assert_close(sinkhorn_log_plan(shifted, 4.0, num_iters), plan.log(), atol=1e-12, rtol=0)

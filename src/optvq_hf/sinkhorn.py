@@ -801,15 +801,19 @@ def _scaled_plan_passes(plan, row_min, pivot, cost_scale, shift, num_iters, grou
     # together is exact in float32.
     trusted = math.log(total_rows) + _EXP_FLOOR + 17.0
 
+    row_base = row_min + pivot  # each row's smallest lambda * D (float32, as the cache held it)
+
     def rebuild_kernel(code_potentials):
         """Rebuild ``G`` in the cache from the distances for ``c = code_potentials``; return ``m`` (float64)."""
-        offset = (code_potentials - code_potentials.max() + cost_scale * shift).float()
+        offset = (code_potentials - code_potentials.max()).float()
         for start, stop, block in plan.blocks():
-            # c[j] - k * (lambda D[i, j] - shift), from freshly computed distances
-            torch.add(offset, plan.distances.block(start, stop, out=block), alpha=-cost_scale, out=block)
+            # c[j] - k * (lambda D[i, j] - base[i]) from freshly computed distances: row differences, which float32
+            # holds exactly however large lambda D is; the rows' own levels -k * (base[i] - shift) stay in float64
+            plan.distances.block(start, stop, out=block).sub_(row_base[start:stop, None])
+            torch.add(offset, block, alpha=-cost_scale, out=block)
             top = torch.amax(block, dim=1, out=row_max[start:stop])
             block.sub_(top[:, None]).add_(headroom).clamp_min_(_EXP_FLOOR).exp_()
-        return row_max.double() + code_potentials.max()
+        return row_max.double() + code_potentials.max() + (row_base.double() - shift) * (-cost_scale)
 
     def untrusted(column):
         """Whether a guard-free soft plan cannot rely on these code totals (agreed over ranks)."""
