@@ -521,6 +521,28 @@ def test_the_dense_log_plan_is_the_published_plan_row_by_row():
     assert torch.equal(dense_sinkhorn_assign(features, codebook), _published(features, codebook))
 
 
+@pytest.mark.parametrize("normalization", ["all", "dim", "none"])
+def test_the_dense_paths_where_float32_squares_overflow_give_the_engines_codes(normalization):
+    """Entries of ~1e21 (2^70): |z|^2 - 2 z.c + |c|^2 overflows float32 (inf - inf: NaN costs, wrong codes before); the
+    dense paths scale both operands by one power of two, exactly, and choose what the engine chooses (under "all",
+    scale-free there, the unit-scale codes). Entries below float32's normal range (2^-135) too."""
+    from optvq_hf.sinkhorn import dense_nearest_assign, dense_sinkhorn_assign
+
+    features, codebook = _data(300, 48, 4, seed=0)
+    big = torch.ldexp(features, torch.tensor(70)), torch.ldexp(codebook, torch.tensor(70))
+    assert not torch.isfinite(big[0].square().sum(1)).all()  # the unscaled squares do overflow
+    tokens = dense_sinkhorn_assign(*big, normalization=normalization)
+    assert torch.equal(tokens, sinkhorn_assign(*big, 10.0, 5, normalization))
+    assert torch.equal(dense_nearest_assign(*big), euclidean_argmin(*big))
+    assert torch.equal(dense_nearest_assign(*big), euclidean_argmin(features, codebook))
+    tiny = torch.ldexp(features, torch.tensor(-135)), torch.ldexp(codebook, torch.tensor(-135))
+    assert torch.equal(dense_nearest_assign(*tiny), euclidean_argmin(features, codebook))
+    assert torch.equal(dense_sinkhorn_assign(*tiny, normalization=normalization),
+                       sinkhorn_assign(*tiny, 10.0, 5, normalization))
+    if normalization == "all":
+        assert torch.equal(tokens, dense_sinkhorn_assign(features, codebook))
+
+
 def test_the_dense_paths_compute_in_float32_and_choose_identical_codes():
     # half-precision inputs are computed in float32 (bf16 distances would tie and swap near codes); a feature equal
     # to a code has distance 0 to it even where |z|^2 - 2 z.c + |c|^2 rounds below 0

@@ -102,13 +102,18 @@ def normalize_distances(distances: torch.Tensor, normalization: str = "all") -> 
     and ``"none"``.
     """
     if normalization == "all":
-        # Unbiased std as the reference (torch's default); a single entry has no spread.
-        spread = distances.std() if distances.numel() > 1 else distances.new_zeros(())
-        normalized = (distances - distances.mean()) / (spread + 1e-6)
-        return normalized - normalized.min()
+        return _normalize_all(distances, 1e-6)
     if normalization == "none":
         return distances
     raise ValueError(f"`normalization` must be one of ('all', 'none') here, got {normalization!r}.")
+
+
+def _normalize_all(distances: torch.Tensor, guard) -> torch.Tensor:
+    """``(D - mean D) / (std D + guard) - min``; ``guard`` is 1e-6 in the distances' units (a tensor or a float)."""
+    # Unbiased std as the reference (torch's default); a single entry has no spread.
+    spread = distances.std() if distances.numel() > 1 else distances.new_zeros(())
+    normalized = (distances - distances.mean()) / (spread + guard)
+    return normalized - normalized.min()
 
 
 def _validate_pair(features: torch.Tensor, codebook: torch.Tensor, name: str):
@@ -1056,10 +1061,27 @@ def _dense_squared_distances(features: torch.Tensor, codebook: torch.Tensor) -> 
     return squared.clamp_min(0.0)
 
 
+def _dense_float32_operands(features: torch.Tensor, codebook: torch.Tensor):
+    """``(features * s, codebook * s, s)`` in float32, detached, with ``s`` the power of two that brings the largest
+    entry into [0.5, 1) (1 when every entry is 0), as a tensor: no host synchronization.
+
+    Scaling by a power of two is exact, and so are the squared distances computed from the scaled operands (scaled by
+    ``s^2``), so every result is the unscaled one's, bit for bit, where the unscaled squares fit in float32 -- and
+    stays finite where they would overflow (entries beyond ~1e19).
+    """
+    features, codebook = features.detach().float(), codebook.detach().float()
+    largest = codebook.abs().amax()
+    if features.numel():
+        largest = torch.maximum(largest, features.abs().amax())
+    # 2^126 at most: float32's largest power of two below 2^128 (entries below 2^-126 keep a largest entry < 1)
+    scale = torch.ldexp(torch.ones_like(largest), (-torch.frexp(largest).exponent).clamp_max(126))
+    return features * scale, codebook * scale, scale
+
+
 @torch.no_grad()
 def dense_nearest_assign(features: torch.Tensor, codebook: torch.Tensor) -> torch.LongTensor:
     """Nearest code by one distance matmul and an argmin: tensor ops only, traceable by `torch.compile`."""
-    features, codebook = features.detach().float(), codebook.detach().float()
+    features, codebook, _ = _dense_float32_operands(features, codebook)  # argmin is unmoved by the common scale
     scores = (codebook * codebook).sum(1) - 2 * features @ codebook.t()
     return scores.argmin(dim=1)
 
@@ -1072,11 +1094,13 @@ def dense_sinkhorn_assign(features: torch.Tensor, codebook: torch.Tensor, epsilo
     Same algorithm and guards as :func:`sinkhorn_assign`, on a materialized ``N x K`` matrix: the quantizer uses it
     while being compiled, where the engine's data-dependent block scheduling would break the graph.
     """
-    features, codebook = features.detach().float(), codebook.detach().float()
-    distances = _dense_squared_distances(features, codebook).sqrt()
-    if normalization == "dim":
-        cost = distances / math.sqrt(codebook.shape[1])
+    features, codebook, scale = _dense_float32_operands(features, codebook)
+    scaled_distances = _dense_squared_distances(features, codebook).sqrt()  # the distances times `scale`, exactly
+    if normalization == "all":  # normalize_distances of the unscaled distances: its 1e-6 guard scaled alike
+        cost = _normalize_all(scaled_distances, 1e-6 * scale)
+    elif normalization in ("dim", "none"):
+        cost = scaled_distances / scale / (math.sqrt(codebook.shape[1]) if normalization == "dim" else 1.0)
     else:
-        cost = normalize_distances(distances, normalization)
+        raise ValueError(f"`normalization` must be one of ('all', 'dim', 'none'), got {normalization!r}.")
     cost = torch.nan_to_num(cost, nan=0.0, posinf=_MAX_COST_SCALE, neginf=0.0)
     return sinkhorn_log_plan(cost, float(epsilon), int(num_iters)).argmax(dim=1)
