@@ -1073,7 +1073,7 @@ def _dense_float32_operands(features: torch.Tensor, codebook: torch.Tensor):
     largest = codebook.abs().amax()
     if features.numel():
         largest = torch.maximum(largest, features.abs().amax())
-    # 2^126 at most: float32's largest power of two below 2^128 (entries below 2^-126 keep a largest entry < 1)
+    # at most 2^126 (2^127 would do as well, 2^128 overflows): a largest entry below 2^-126 still scales below 1
     scale = torch.ldexp(torch.ones_like(largest), (-torch.frexp(largest).exponent).clamp_max(126))
     return features * scale, codebook * scale, scale
 
