@@ -541,6 +541,12 @@ def test_the_dense_paths_where_float32_squares_overflow_give_the_engines_codes(n
                        sinkhorn_assign(*tiny, 10.0, 5, normalization))
     if normalization == "all":
         assert torch.equal(tokens, dense_sinkhorn_assign(features, codebook))
+    # the scale follows the largest magnitude, whatever the signs: positive entries from 2^-60 to 2^10
+    positive = features.abs() * 2.0**10, codebook.abs() * 2.0**10
+    positive[0][0, 0] = 2.0**-60
+    assert torch.equal(dense_sinkhorn_assign(*positive, normalization=normalization),
+                       sinkhorn_assign(*positive, 10.0, 5, normalization))
+    assert torch.equal(dense_nearest_assign(*positive), euclidean_argmin(*positive))
 
 
 def test_the_dense_paths_compute_in_float32_and_choose_identical_codes():

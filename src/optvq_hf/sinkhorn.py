@@ -1070,9 +1070,7 @@ def _dense_float32_operands(features: torch.Tensor, codebook: torch.Tensor):
     stays finite where they would overflow (entries beyond ~1e19).
     """
     features, codebook = features.detach().float(), codebook.detach().float()
-    largest = codebook.abs().amax()
-    if features.numel():
-        largest = torch.maximum(largest, features.abs().amax())
+    largest = torch.cat([features.reshape(-1), codebook.reshape(-1)]).abs().amax()  # the codebook is never empty
     # at most 2^126 (2^127 would do as well, 2^128 overflows): a largest entry below 2^-126 still scales below 1
     scale = torch.ldexp(torch.ones_like(largest), (-torch.frexp(largest).exponent).clamp_max(126))
     return features * scale, codebook * scale, scale
