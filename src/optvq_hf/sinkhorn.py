@@ -1096,9 +1096,9 @@ def dense_sinkhorn_assign(features: torch.Tensor, codebook: torch.Tensor, epsilo
     scaled_distances = _dense_squared_distances(features, codebook).sqrt()  # the distances times `scale`, exactly
     if normalization == "all":  # normalize_distances of the unscaled distances: its 1e-6 guard scaled alike
         cost = _normalize_all(scaled_distances, 1e-6 * scale)
-    elif normalization in ("dim", "none"):
+    elif normalization in VALID_NORMALIZATIONS:  # "dim", "none"
         cost = scaled_distances / scale / (math.sqrt(codebook.shape[1]) if normalization == "dim" else 1.0)
     else:
-        raise ValueError(f"`normalization` must be one of ('all', 'dim', 'none'), got {normalization!r}.")
+        raise ValueError(f"`normalization` must be one of {VALID_NORMALIZATIONS}, got {normalization!r}.")
     cost = torch.nan_to_num(cost, nan=0.0, posinf=_MAX_COST_SCALE, neginf=0.0)
     return sinkhorn_log_plan(cost, float(epsilon), int(num_iters)).argmax(dim=1)
